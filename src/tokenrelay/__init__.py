@@ -1,0 +1,53 @@
+"""tokenrelay: run LLM generations as queued jobs and stream their tokens through Redis."""
+
+from tokenrelay.errors import (
+    ConfigurationError,
+    InvalidRequestError,
+    JobFailedError,
+    JobNotFoundError,
+    ProtocolError,
+    RedisUnavailableError,
+    StreamTimeoutError,
+    TokenRelayError,
+)
+from tokenrelay.handle import JobHandle, JobState, Result
+from tokenrelay.producer import Relay, submit, submit_many
+from tokenrelay.protocol import (
+    EndEntry,
+    EntryKind,
+    ErrorEntry,
+    Event,
+    LifecycleEvent,
+    Record,
+    StartEntry,
+    TokenEntry,
+)
+from tokenrelay.settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "EndEntry",
+    "EntryKind",
+    "ErrorEntry",
+    "Event",
+    "InvalidRequestError",
+    "JobFailedError",
+    "JobHandle",
+    "JobNotFoundError",
+    "JobState",
+    "LifecycleEvent",
+    "ProtocolError",
+    "Record",
+    "RedisUnavailableError",
+    "Relay",
+    "Result",
+    "Settings",
+    "StartEntry",
+    "StreamTimeoutError",
+    "TokenEntry",
+    "TokenRelayError",
+    "submit",
+    "submit_many",
+]

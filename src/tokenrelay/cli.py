@@ -1,0 +1,210 @@
+"""The `tokenrelay` command: parses arguments, builds settings, and delegates."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tokenrelay import logs
+from tokenrelay.batch import load_batch
+from tokenrelay.consumers.viewer import view
+from tokenrelay.errors import InvalidRequestError, TokenRelayError
+from tokenrelay.handle import JobHandle
+from tokenrelay.producer import Relay
+from tokenrelay.progress import Progress
+from tokenrelay.protocol import ErrorEntry
+from tokenrelay.reader import BEGINNING
+from tokenrelay.settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _meta(raw: str) -> tuple[str, str]:
+    key, sep, value = raw.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {raw!r}")
+    return key, value
+
+
+def _follow(
+    handle: JobHandle, *, after: str = BEGINNING, live: bool = False, timeout: float | None = None
+) -> int:
+    entry = view(handle, sys.stdout, after=after, live=live, timeout=timeout)
+    sys.stdout.write("\n")
+    if isinstance(entry, ErrorEntry):
+        print(
+            f"tokenrelay: job {handle.job_id} failed: {entry.error_type}: {entry.message}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    if (args.prompt is None) == (args.file is None):
+        raise InvalidRequestError("give a PROMPT (or - to read it from stdin) or --file, not both")
+    with Relay.from_env(settings) as relay:
+        if args.file is not None:
+            items = load_batch(args.file)
+            progress = Progress(len(items), sys.stderr, "submitted")
+            handles = relay.submit_many(items, progress=progress)
+            ids = "".join(f"{h.job_id}\n" for h in handles)
+            if args.ids_out:
+                args.ids_out.write_text(ids)
+            else:
+                sys.stdout.write(ids)
+            return EXIT_OK
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        messages = None
+        if args.system is not None:
+            messages = [
+                {"role": "system", "content": args.system},
+                {"role": "user", "content": prompt},
+            ]
+            prompt = None
+        handle = relay.submit(
+            prompt,
+            messages=messages,
+            model=args.model,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            job_id=args.job_id,
+            metadata=dict(args.meta or []),
+        )
+        print(handle.job_id, file=sys.stderr if args.follow else sys.stdout)
+        return _follow(handle, timeout=args.timeout) if args.follow else EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    with Relay.from_env(settings) as relay:
+        handle = relay.job(args.job_id)
+        handle.status()  # raises JobNotFoundError for an unknown job
+        return _follow(handle, after=args.from_id, live=args.live, timeout=args.timeout)
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    with Relay.from_env(settings) as relay:
+        for job_id in args.job_ids:
+            handle = relay.job(job_id)
+            handle.status()
+            print(f"{job_id}: {'cancelled' if handle.cancel() else 'had already ended'}")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.worker.runner import run_worker
+
+    run_worker(settings, queues=args.queue or (), burst=args.burst, name=args.name)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.demo import run_demo
+
+    return run_demo(settings, prompt=args.prompt, max_tokens=args.max_tokens)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the `tokenrelay` command."""
+    top = argparse.ArgumentParser(
+        prog="tokenrelay",
+        description="Run LLM generations as queued jobs and stream their tokens through Redis.",
+        epilog="Settings come from environment variables (see the README); "
+        "the options here override them.",
+    )
+    top.add_argument("--redis-url", help="Redis to use (env TOKENRELAY_REDIS_URL)")
+    top.add_argument("--queue", dest="default_queue", help="queue name (env TOKENRELAY_QUEUE)")
+    top.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        help="log format (env TOKENRELAY_LOG_FORMAT; auto: console on a terminal)",
+    )
+    top.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (env TOKENRELAY_LOG_LEVEL)",
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("submit", help="queue a generation (or a batch) and print its job id")
+    p.add_argument("prompt", nargs="?", help="the prompt; - reads it from stdin")
+    p.add_argument("--system", help="a system message to send before the prompt")
+    p.add_argument("--model", help="model name (default: the worker's TOKENRELAY_MODEL)")
+    p.add_argument("--max-tokens", type=int, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
+    p.add_argument("--job-id", help="choose the job id (letters, digits, _ and -)")
+    p.add_argument(
+        "--meta",
+        type=_meta,
+        action="append",
+        metavar="KEY=VALUE",
+        help="metadata to attach to the job (repeatable)",
+    )
+    p.add_argument("--follow", "-f", action="store_true", help="also print the text as it arrives")
+    p.add_argument("--timeout", type=float, help="with --follow: give up after this many seconds")
+    p.add_argument(
+        "--file",
+        type=Path,
+        help="submit every line of a JSON Lines file (a prompt string or an object)",
+    )
+    p.add_argument("--ids-out", type=Path, help="with --file: write the job ids here, not stdout")
+    p.set_defaults(run=cmd_submit)
+
+    p = sub.add_parser("watch", help="print a job's text as it arrives (replays from the start)")
+    p.add_argument("job_id")
+    p.add_argument(
+        "--from",
+        dest="from_id",
+        default=BEGINNING,
+        metavar="ENTRY_ID",
+        help="resume after this stream entry id",
+    )
+    p.add_argument("--live", action="store_true", help="show only tokens generated from now on")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.set_defaults(run=cmd_watch)
+
+    p = sub.add_parser("cancel", help="cancel jobs: queued ones never run, running ones stop")
+    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    p.set_defaults(run=cmd_cancel)
+
+    p = sub.add_parser("worker", help="run a worker (Ctrl-C: finish the job and stop; twice: now)")
+    p.add_argument("--queue", action="append", help="queue to work on (repeatable)")
+    p.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    p.add_argument("--name", help="worker name (default: generated)")
+    p.set_defaults(run=cmd_worker)
+
+    p = sub.add_parser("demo", help="start what is missing, run a generation, show it live")
+    p.add_argument(
+        "prompt", nargs="?", default="Explain what a Redis stream is, in three sentences."
+    )
+    p.add_argument("--max-tokens", type=int, default=200, help="most tokens to generate")
+    p.set_defaults(run=cmd_demo)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; the process exit code."""
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env().with_overrides(
+            redis_url=args.redis_url,
+            queue=args.default_queue,
+            log_format=args.log_format,
+            log_level=args.log_level,
+        )
+        logs.configure(settings.log_format, settings.log_level)
+        run: Command = args.run
+        return run(args, settings)
+    except InvalidRequestError as exc:
+        print(f"tokenrelay: invalid request: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TokenRelayError as exc:
+        print(f"tokenrelay: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\ntokenrelay: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

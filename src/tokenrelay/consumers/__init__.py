@@ -1,0 +1,1 @@
+"""Consumers: readers of the streams that never talk to the workers."""

@@ -1,0 +1,110 @@
+"""The demo: start whatever is missing (Redis, a worker), run one generation, show it live."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import IO
+
+import redis
+
+from tokenrelay.connection import connect
+from tokenrelay.consumers.viewer import view
+from tokenrelay.errors import ConfigurationError
+from tokenrelay.producer import Relay
+from tokenrelay.protocol import EndEntry
+from tokenrelay.redis_server import RedisServer
+from tokenrelay.settings import DEFAULT_REDIS_URL, Settings
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
+def _redis_url(settings: Settings, stack: ExitStack) -> str:
+    """The configured Redis, else one on the default address, else a private one."""
+    if settings.redis_url:
+        _say(f"redis: using {settings.redis_url} (TOKENRELAY_REDIS_URL)")
+        return settings.redis_url
+    try:
+        connect(DEFAULT_REDIS_URL).close()
+    except Exception:
+        server = stack.enter_context(RedisServer())
+        _say(f"redis: none configured or running, started a private one at {server.url}")
+        return server.url
+    _say(f"redis: using the one running at {DEFAULT_REDIS_URL}")
+    return DEFAULT_REDIS_URL
+
+
+def _llm_environment(settings: Settings) -> dict[str, str]:
+    """The environment that points workers at a model endpoint."""
+    if not settings.llm_configured:
+        raise ConfigurationError(
+            "no model configured: set OPENAI_API_KEY (for OpenAI) or OPENAI_BASE_URL "
+            "(for any OpenAI-compatible server: vLLM, llama.cpp, Ollama)"
+        )
+    where = settings.openai_base_url or "the OpenAI API"
+    _say(f"model: {settings.model} at {where}")
+    return {}
+
+
+@contextmanager
+def _worker(env: dict[str, str], log_file: IO[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A `tokenrelay worker` child process, stopped gracefully on exit."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "--log-format", "json", "worker"],
+        env=env,
+        stdout=log_file,
+        stderr=log_file,
+    )
+    _say(f"worker: started (pid {process.pid}), its log is {log_file.name}")
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _summary(end: EndEntry) -> str:
+    seconds = (end.duration_ms or 0) / 1000
+    rate = f", {end.tokens / seconds:.1f} tokens/s" if seconds else ""
+    ttft = f", first token after {end.ttft_ms:.0f} ms" if end.ttft_ms is not None else ""
+    return f"finished ({end.finish_reason}): {end.tokens} tokens in {seconds:.2f} s{ttft}{rate}"
+
+
+def run_demo(settings: Settings, *, prompt: str, max_tokens: int) -> int:
+    """Run the demo end to end; stops everything it started. The exit code."""
+    with ExitStack() as stack:
+        url = _redis_url(settings, stack)
+        env = {**os.environ, **_llm_environment(settings), "TOKENRELAY_REDIS_URL": url}
+        log_file = stack.enter_context(
+            tempfile.NamedTemporaryFile(
+                "w", prefix="tokenrelay-worker-", suffix=".log", delete=False
+            )
+        )
+        stack.enter_context(_worker(env, log_file))
+        relay = stack.enter_context(Relay(connect(url), settings.with_overrides(redis_url=url)))
+        handle = relay.submit(prompt, max_tokens=max_tokens)
+        _say(f"job {handle.job_id} submitted; follow it from another terminal with:")
+        _say(f"    tokenrelay --redis-url {url} watch {handle.job_id}")
+        print(f"\n> {prompt}\n", flush=True)
+        try:
+            entry = view(handle, sys.stdout, timeout=settings.job_timeout)
+        except (KeyboardInterrupt, redis.ConnectionError):
+            handle.cancel()
+            raise
+        print(flush=True)
+        if isinstance(entry, EndEntry):
+            _say(_summary(entry))
+            return 0
+        _say(f"failed: {entry.error_type}: {entry.message}")
+        return 1
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,74 @@
+"""Every exception tokenrelay raises, in one tree.
+
+TokenRelayError
+├── ConfigurationError      a setting is missing or malformed
+├── InvalidRequestError     a generation request was refused before anything was queued
+├── RedisUnavailableError   Redis cannot be reached at the configured URL
+├── JobNotFoundError        no job (and no stream) exists under that id
+├── JobFailedError          the job's stream ended with an `error` entry
+├── StreamTimeoutError      no new entry arrived within the reader's timeout
+├── ProtocolError           a stream broke the protocol (a gap in the tokens, an unknown kind)
+├── UnsafeJobError          a job payload names a callable other than tokenrelay's generation
+├── StreamClosedError       the stream already has its terminal entry (cancelled, reaped)
+└── GenerationError         the model's stream went wrong
+    └── TruncatedStreamError    the model's stream ended without a finish reason
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenrelay.protocol import ErrorEntry
+
+
+class TokenRelayError(Exception):
+    """Base class of every tokenrelay exception."""
+
+
+class ConfigurationError(TokenRelayError):
+    """A setting is missing or malformed."""
+
+
+class InvalidRequestError(TokenRelayError, ValueError):
+    """A generation request was refused before anything was queued."""
+
+
+class RedisUnavailableError(TokenRelayError):
+    """Redis cannot be reached at the configured URL."""
+
+
+class JobNotFoundError(TokenRelayError, LookupError):
+    """No job and no stream exist under that id (it may have expired)."""
+
+
+class JobFailedError(TokenRelayError):
+    """The job's stream ended with an `error` entry."""
+
+    def __init__(self, error: ErrorEntry) -> None:
+        super().__init__(f"{error.error_type}: {error.message}")
+        self.error = error
+
+
+class StreamTimeoutError(TokenRelayError, TimeoutError):
+    """No new entry arrived within the reader's timeout."""
+
+
+class ProtocolError(TokenRelayError):
+    """A stream broke the protocol: a gap in the token sequence or an unknown entry."""
+
+
+class UnsafeJobError(TokenRelayError):
+    """A job payload names a callable other than tokenrelay's generation function."""
+
+
+class StreamClosedError(TokenRelayError):
+    """The stream already has its terminal entry, so nothing more may be written to it."""
+
+
+class GenerationError(TokenRelayError):
+    """The model's stream went wrong."""
+
+
+class TruncatedStreamError(GenerationError):
+    """The model's stream ended without a finish reason."""

@@ -1,0 +1,135 @@
+"""A handle on one submitted job: its tokens, its result, its status, and cancelling it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from enum import StrEnum
+
+from redis import Redis
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.serializers import JSONSerializer
+
+from tokenrelay import keys
+from tokenrelay.connection import redis_errors
+from tokenrelay.errors import JobFailedError, JobNotFoundError
+from tokenrelay.protocol import EndEntry, ErrorEntry, Record, TokenEntry, records
+from tokenrelay.reader import BEGINNING, read_stream
+from tokenrelay.settings import Settings
+from tokenrelay.writer import CANCELLED, close_stream
+
+
+class JobState(StrEnum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_FROM_RQ = {
+    RQStatus.QUEUED: JobState.QUEUED,
+    RQStatus.DEFERRED: JobState.QUEUED,
+    RQStatus.SCHEDULED: JobState.QUEUED,
+    RQStatus.CREATED: JobState.QUEUED,
+    RQStatus.STARTED: JobState.STARTED,
+    RQStatus.FINISHED: JobState.FINISHED,
+    RQStatus.FAILED: JobState.FAILED,
+    RQStatus.STOPPED: JobState.FAILED,
+    RQStatus.CANCELED: JobState.CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished generation: its text and its `end` entry (usage and timings)."""
+
+    job_id: str
+    text: str
+    end: EndEntry
+
+
+class JobHandle:
+    """One submitted job, identified by its id; cheap to create for any id."""
+
+    def __init__(self, client: Redis, job_id: str, *, settings: Settings) -> None:
+        self.job_id = job_id
+        self.stream_key = keys.token_stream(job_id)
+        self._client = client
+        self._settings = settings
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r})"
+
+    def records(
+        self, *, after: str = BEGINNING, live: bool = False, timeout: float | None = None
+    ) -> Iterator[Record]:
+        """Every entry of the job's stream after `after`, until its terminal entry."""
+        with redis_errors(self._settings.effective_redis_url):
+            yield from read_stream(
+                self._client, self.job_id, after=after, live=live, timeout=timeout
+            )
+
+    def tokens(self, *, after: str = BEGINNING, timeout: float | None = None) -> Iterator[str]:
+        """The generated text, token by token, as it arrives; raises JobFailedError on `error`."""
+        for _, entry in self.records(after=after, timeout=timeout):
+            if isinstance(entry, TokenEntry):
+                yield entry.text
+            elif isinstance(entry, ErrorEntry):
+                raise JobFailedError(entry)
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Wait for the job to end; its text and `end` entry, or JobFailedError."""
+        parts: list[str] = []
+        for _, entry in self.records(timeout=timeout):
+            if isinstance(entry, TokenEntry):
+                parts.append(entry.text)
+            elif isinstance(entry, ErrorEntry):
+                raise JobFailedError(entry)
+            elif isinstance(entry, EndEntry):
+                return Result(self.job_id, "".join(parts), entry)
+        raise AssertionError("read_stream ends only after a terminal entry")  # pragma: no cover
+
+    def text(self, timeout: float | None = None) -> str:
+        """Wait for the job to end and return its whole text, or raise JobFailedError."""
+        return self.result(timeout).text
+
+    def status(self) -> JobState:
+        """The job's state; raises JobNotFoundError for an unknown (or expired) job."""
+        with redis_errors(self._settings.effective_redis_url):
+            last = records(self._client.xrevrange(self.stream_key, count=1))
+            if last and isinstance(last[0].entry, EndEntry):
+                return JobState.FINISHED
+            if last and isinstance(last[0].entry, ErrorEntry):
+                cancelled = last[0].entry.error_type == CANCELLED
+                return JobState.CANCELLED if cancelled else JobState.FAILED
+            try:
+                job = Job.fetch(self.job_id, connection=self._client, serializer=JSONSerializer)
+            except NoSuchJobError:
+                if last:
+                    return JobState.STARTED
+                raise JobNotFoundError(f"no job {self.job_id!r} (it may have expired)") from None
+            return _FROM_RQ.get(job.get_status(), JobState.QUEUED)
+
+    def cancel(self) -> bool:
+        """End the job with a `cancelled` error entry and stop it; False if it had already ended."""
+        with redis_errors(self._settings.effective_redis_url):
+            entry = ErrorEntry(CANCELLED, "cancelled on request", retryable=False)
+            won = close_stream(self._client, self.job_id, entry, ttl=self._settings.stream_ttl)
+            try:
+                job = Job.fetch(self.job_id, connection=self._client, serializer=JSONSerializer)
+            except NoSuchJobError:
+                return won
+            status = job.get_status()
+            if status == RQStatus.STARTED:
+                with suppress(InvalidJobOperation):  # it ended between the two calls
+                    send_stop_job_command(self._client, self.job_id, serializer=JSONSerializer)
+            elif _FROM_RQ.get(status) == JobState.QUEUED:
+                job.cancel()
+            return won

@@ -1,0 +1,27 @@
+"""Every Redis key, RQ name and default that tokenrelay uses, defined once.
+
+Keys that belong to one job carry the job id as a hash tag (`{job_id}`), so that
+they live in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+PREFIX = "tokenrelay"
+
+#: The global lifecycle stream: one entry per job state change.
+EVENTS_STREAM = f"{PREFIX}:events"
+
+#: Approximate length the lifecycle stream is trimmed to (`XADD MAXLEN ~`).
+EVENTS_MAXLEN = 100_000
+
+#: The dotted path of the one callable a tokenrelay worker will execute.
+GENERATE_FUNC = "tokenrelay.worker.generation.generate"
+
+#: RQ callbacks, by dotted path; the only ones a tokenrelay worker will import.
+ON_FAILURE_CALLBACK = "tokenrelay.worker.hooks.on_failure"
+ON_STOPPED_CALLBACK = "tokenrelay.worker.hooks.on_stopped"
+
+
+def token_stream(job_id: str) -> str:
+    """The key of the per-job token stream."""
+    return f"{PREFIX}:{{{job_id}}}:tokens"

@@ -1,0 +1,167 @@
+"""Settings, read from the environment in one place and nowhere else.
+
+Entry points (the CLI, the demo, `Relay.from_env`) call `Settings.from_env()`;
+library code receives a `Settings` (or the values it needs) as a parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from tokenrelay.errors import ConfigurationError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+T = TypeVar("T")
+
+MaxTokensParam = Literal["auto", "both", "max_completion_tokens"]
+LogFormat = Literal["auto", "json", "console"]
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or an error message."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that must send it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}****@{netloc}"))
+
+
+def _env(name: str, default: T, cast: Callable[[str], T] | None = None) -> Any:
+    """A dataclass field read from the environment variable `name` (see `Settings.from_env`)."""
+    return field(default=default, metadata={"env": name, "cast": cast})
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def cast(raw: str) -> str:
+        if raw not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {raw!r}")
+        return raw
+
+    return cast
+
+
+def _optional(raw: str) -> str | None:
+    return raw or None
+
+
+_NO_KEY = Secret("")
+_MAX_TOKENS_PARAMS = _choice("auto", "both", "max_completion_tokens")
+_LOG_FORMATS = _choice("auto", "json", "console")
+_LOG_LEVELS = _choice("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything tokenrelay can be configured with; each field names its environment variable."""
+
+    redis_url: str | None = _env("TOKENRELAY_REDIS_URL", None, _optional)
+    queue: str = _env("TOKENRELAY_QUEUE", "tokenrelay")
+    openai_api_key: Secret = _env("OPENAI_API_KEY", _NO_KEY, Secret)
+    openai_base_url: str | None = _env("OPENAI_BASE_URL", None, _optional)
+    model: str = _env("TOKENRELAY_MODEL", "gpt-4o-mini")
+    max_tokens: int = _env("TOKENRELAY_MAX_TOKENS", 512, _positive_int)
+    temperature: float = _env("TOKENRELAY_TEMPERATURE", 0.7, _non_negative_float)
+    max_tokens_limit: int = _env("TOKENRELAY_MAX_TOKENS_LIMIT", 32_768, _positive_int)
+    max_prompt_chars: int = _env("TOKENRELAY_MAX_PROMPT_CHARS", 200_000, _positive_int)
+    job_timeout: int = _env("TOKENRELAY_JOB_TIMEOUT", 600, _positive_int)
+    stream_ttl: int = _env("TOKENRELAY_STREAM_TTL", 86_400, _positive_int)
+    llm_timeout: float = _env("TOKENRELAY_LLM_TIMEOUT", 60.0, _non_negative_float)
+    llm_max_retries: int = _env("TOKENRELAY_LLM_MAX_RETRIES", 2, int)
+    max_tokens_param: MaxTokensParam = _env(
+        "TOKENRELAY_MAX_TOKENS_PARAM", "auto", _MAX_TOKENS_PARAMS
+    )
+    log_format: LogFormat = _env("TOKENRELAY_LOG_FORMAT", "auto", _LOG_FORMATS)
+    log_level: str = _env("TOKENRELAY_LOG_LEVEL", "info", _LOG_LEVELS)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from the environment; an unset or empty variable keeps the default."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"], "")
+            if raw == "":
+                continue
+            cast = f.metadata["cast"] or str
+            try:
+                values[f.name] = cast(raw)
+            except ValueError as exc:
+                raise ConfigurationError(f"{f.metadata['env']}={raw!r}: {exc}") from None
+        return cls(**values)
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with the given fields changed; `None` values are ignored."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def effective_redis_url(self) -> str:
+        """The Redis URL to connect to: the configured one, or the default address."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def llm_configured(self) -> bool:
+        """Whether an LLM endpoint is configured (an API key or a base URL)."""
+        return bool(self.openai_api_key) or self.openai_base_url is not None
+
+    @property
+    def send_legacy_max_tokens(self) -> bool:
+        """Whether to send `max_tokens` as well as `max_completion_tokens`.
+
+        OpenAI's own API wants only the latter; llama.cpp, and other servers that
+        predate it, honour only the former.
+        """
+        if self.max_tokens_param == "auto":
+            return self.openai_base_url is not None
+        return self.max_tokens_param == "both"
+
+
+def environment_variables() -> dict[str, Any]:
+    """Every environment variable tokenrelay reads, with its default."""
+    return {f.metadata["env"]: f.default for f in fields(Settings)}

@@ -1,0 +1,71 @@
+"""RQ's hooks for the ways a job ends outside the job function; each writes the `error` entry.
+
+RQ reports them through different hooks: the failure callback (an exception, a
+job timeout, and the abandoned-job cleanup of a dead worker's jobs), the stopped
+callback (a stop command), and the work-horse-killed handler. The job function
+writes its own terminal entry when it can; whichever comes second is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+
+import structlog
+from redis import Redis
+from rq.job import Job
+
+from tokenrelay.protocol import ErrorEntry
+from tokenrelay.settings import Settings
+from tokenrelay.worker.llm import error_entry
+from tokenrelay.writer import close_stream
+
+log = structlog.get_logger()
+
+
+def _attempt(job: Job) -> int:
+    return (job.number_of_retries or 0) + 1
+
+
+def _stream_ttl(job: Job) -> int:
+    try:
+        return int(job.args[0]["stream_ttl"])
+    except Exception:  # a payload we cannot read still gets its stream closed
+        return Settings().stream_ttl
+
+
+def end_with_error(connection: Redis, job: Job, entry: ErrorEntry) -> bool:
+    """Close the job's stream with `entry` unless it is closed; True if this call closed it."""
+    with structlog.contextvars.bound_contextvars(job_id=job.id, attempt=entry.attempt):
+        closed = close_stream(connection, job.id, entry, ttl=_stream_ttl(job), queue=job.origin)
+        if closed:
+            log.warning("job.failed", error_type=entry.error_type, reason=entry.message)
+        return closed
+
+
+def on_failure(
+    job: Job,
+    connection: Redis,
+    exc_type: type[BaseException],
+    exc_value: BaseException | None,
+    traceback: TracebackType | None,
+) -> None:
+    """RQ failure callback: the job raised, timed out, or was found abandoned."""
+    exc = exc_value if exc_value is not None else exc_type()
+    end_with_error(connection, job, error_entry(exc, attempt=_attempt(job)))
+
+
+def on_stopped(job: Job, connection: Redis) -> None:
+    """RQ stopped callback: a stop command killed the job's work horse."""
+    entry = ErrorEntry("JobStopped", "the job was stopped on request", False, _attempt(job))
+    end_with_error(connection, job, entry)
+
+
+def on_work_horse_killed(job: Job, connection: Redis, status: int, reason: str = "") -> None:
+    """The process running the job died without ending it (an OOM kill, a SIGKILL, a crash)."""
+    if os.WIFSIGNALED(status):
+        how = f"was killed by signal {os.WTERMSIG(status)}"
+    else:
+        how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+    message = f"the process running the job {how}{reason}"
+    end_with_error(connection, job, ErrorEntry("WorkHorseKilled", message, True, _attempt(job)))

@@ -1,0 +1,60 @@
+"""The model client: `ChatOpenAI` configured from settings and the request, and error triage."""
+
+from __future__ import annotations
+
+import openai
+from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
+from rq.exceptions import AbandonedJobError
+from rq.timeouts import JobTimeoutException
+
+from tokenrelay.errors import GenerationError
+from tokenrelay.protocol import ErrorEntry
+from tokenrelay.request import GenerationRequest
+from tokenrelay.settings import Secret, Settings
+
+#: What a local server without authentication is sent as an API key.
+NO_KEY = "unused"
+
+_RETRYABLE = (
+    openai.APIConnectionError,  # includes APITimeoutError
+    openai.RateLimitError,
+    openai.InternalServerError,
+    GenerationError,
+    JobTimeoutException,
+    AbandonedJobError,
+)
+
+_MAX_MESSAGE = 1000
+
+
+def chat_model(settings: Settings, request: GenerationRequest) -> ChatOpenAI:
+    """A streaming client for the request's model, with its limits."""
+    max_tokens = request.max_tokens or settings.max_tokens
+    # langchain-openai sends `max_completion_tokens`, which llama.cpp's server ignores.
+    extra_body = {"max_tokens": max_tokens} if settings.send_legacy_max_tokens else None
+    return ChatOpenAI(
+        model=request.model or settings.model,
+        api_key=SecretStr(settings.openai_api_key.reveal() or NO_KEY),
+        base_url=settings.openai_base_url,
+        temperature=settings.temperature if request.temperature is None else request.temperature,
+        max_completion_tokens=max_tokens,
+        extra_body=extra_body,
+        streaming=True,
+        stream_usage=True,
+        timeout=settings.llm_timeout or None,
+        max_retries=settings.llm_max_retries,
+    )
+
+
+def error_entry(exc: BaseException, *, attempt: int, secret: Secret | None = None) -> ErrorEntry:
+    """The `error` entry for an exception: its type, a redacted message, whether to retry."""
+    message = str(exc) or (type(exc).__doc__ or type(exc).__name__).strip().splitlines()[0]
+    if secret:
+        message = message.replace(secret.reveal(), "**********")
+    return ErrorEntry(
+        error_type=type(exc).__name__,
+        message=message[:_MAX_MESSAGE],
+        retryable=isinstance(exc, _RETRYABLE),
+        attempt=attempt,
+    )

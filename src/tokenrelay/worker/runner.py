@@ -1,0 +1,120 @@
+"""Running workers: an RQ worker that executes only tokenrelay's generation function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+import structlog
+from redis import Redis
+from rq import Queue, Worker
+from rq.executions import Execution
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from tokenrelay import keys
+from tokenrelay.connection import connect
+from tokenrelay.errors import UnsafeJobError
+from tokenrelay.protocol import ErrorEntry
+from tokenrelay.settings import Settings
+from tokenrelay.worker import hooks
+from tokenrelay.worker.generation import generate, worker_settings
+
+log = structlog.get_logger()
+
+
+class RelayJob(Job):
+    """A job that runs tokenrelay's generation or nothing: the payload names no other code.
+
+    RQ imports a job's function and callbacks by the dotted names stored in the
+    job; this class never imports a name, it maps the few it knows to our functions.
+    """
+
+    @property
+    def func(self) -> Callable[..., Any]:
+        if self.func_name != keys.GENERATE_FUNC:
+            raise UnsafeJobError(
+                f"refused job {self.id}: it names {self.func_name!r}, "
+                f"and a tokenrelay worker runs only {keys.GENERATE_FUNC}"
+            )
+        return generate
+
+    @property
+    def success_callback(self) -> None:
+        return None
+
+    @property
+    def failure_callback(self) -> Callable[..., Any] | None:
+        if self._failure_callback_name == keys.ON_FAILURE_CALLBACK:
+            return hooks.on_failure
+        return None
+
+    @property
+    def stopped_callback(self) -> Callable[..., Any] | None:
+        if self._stopped_callback_name == keys.ON_STOPPED_CALLBACK:
+            return hooks.on_stopped
+        return None
+
+
+class RelayWorker(Worker):
+    """An RQ worker with JSON jobs, the `RelayJob` allow-list and tokenrelay's end-of-job hooks."""
+
+    def __init__(
+        self,
+        queues: Sequence[str],
+        *,
+        connection: Redis,
+        settings: Settings,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(
+            [Queue(q, connection=connection, serializer=JSONSerializer) for q in queues],
+            name=name,
+            connection=connection,
+            serializer=JSONSerializer,
+            job_class=RelayJob,
+            log_job_description=False,
+            work_horse_killed_handler=self._horse_killed,
+        )
+        self.relay_settings = settings
+
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        token = worker_settings.set(self.relay_settings)
+        try:
+            return bool(super().perform_job(job, queue, execution))
+        finally:
+            worker_settings.reset(token)
+
+    def _horse_killed(self, job: Job, retpid: int, status: int, rusage: Any) -> None:
+        hooks.on_work_horse_killed(job, self.connection, status)
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        """A second Ctrl-C or SIGTERM: RQ kills the running job; its stream gets the error."""
+        job = self.get_current_job()
+        try:
+            super().request_force_stop(signum, frame)
+        except SystemExit:
+            if job is not None:
+                entry = ErrorEntry(
+                    "WorkerShutdown", "the worker was shut down while running the job", True
+                )
+                hooks.end_with_error(self.connection, job, entry)
+            raise
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    queues: Sequence[str] = (),
+    burst: bool = False,
+    name: str | None = None,
+) -> None:
+    """Work on the queues until stopped (or, with `burst`, until they are empty)."""
+    client = connect(settings.effective_redis_url)
+    worker = RelayWorker(
+        queues or [settings.queue], connection=client, settings=settings, name=name
+    )
+    log.info("worker.starting", worker=worker.name, queues=worker.queue_names(), burst=burst)
+    worker.work(burst=burst, logging_level=settings.log_level.upper())
+    log.info("worker.stopped", worker=worker.name)
