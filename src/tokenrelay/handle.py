@@ -23,6 +23,11 @@ from tokenrelay.settings import Settings
 from tokenrelay.writer import CANCELLED, close_stream
 
 
+def _translated(stream: Iterator[Record], url: str) -> Iterator[Record]:
+    with redis_errors(url):
+        yield from stream
+
+
 class JobState(StrEnum):
     """Where a job is in its life."""
 
@@ -70,11 +75,14 @@ class JobHandle:
     def records(
         self, *, after: str = BEGINNING, live: bool = False, timeout: float | None = None
     ) -> Iterator[Record]:
-        """Every entry of the job's stream after `after`, until its terminal entry."""
-        with redis_errors(self._settings.effective_redis_url):
-            yield from read_stream(
-                self._client, self.job_id, after=after, live=live, timeout=timeout
-            )
+        """Every entry of the job's stream after `after`, until its terminal entry.
+
+        A `live` reader starts at the newest entry when this is called.
+        """
+        url = self._settings.effective_redis_url
+        with redis_errors(url):
+            stream = read_stream(self._client, self.job_id, after=after, live=live, timeout=timeout)
+        return _translated(stream, url)
 
     def tokens(self, *, after: str = BEGINNING, timeout: float | None = None) -> Iterator[str]:
         """The generated text, token by token, as it arrives; raises JobFailedError on `error`."""

@@ -57,3 +57,6 @@ def configure(fmt: LogFormat = "auto", level: str = "info", stream: Any = None) 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.ERROR))
+    # One line per HTTP request to the model adds nothing to job.started/job.finished.
+    for noisy in ("httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))

@@ -16,6 +16,7 @@ from tokenrelay.protocol import Record, TokenEntry, is_terminal, records
 BEGINNING = "0-0"
 
 _BATCH = 512
+_MAX_BLOCK = 2.0
 
 
 def _first_id(client: Redis, key: str, live: bool, after: str) -> str:
@@ -41,23 +42,34 @@ def read_stream(
     *,
     after: str = BEGINNING,
     live: bool = False,
-    block: float = 5.0,
     timeout: float | None = None,
 ) -> Iterator[Record]:
     """Yield the job's entries after `after`, following the stream until its terminal entry.
 
-    `live` starts at the newest entry instead, skipping what was generated before.
-    Raises StreamTimeoutError if the stream has not ended `timeout` seconds after
-    the call, and ProtocolError if a token is missing; a repeated token is skipped.
+    `live` starts at the newest entry at the time of the call instead, skipping
+    what was generated before. Raises StreamTimeoutError if the stream has not
+    ended `timeout` seconds after the call, and ProtocolError if a token is
+    missing; a repeated token is skipped.
     """
     key = keys.token_stream(job_id)
-    last = _first_id(client, key, live, after)
-    next_seq: int | None = None
     deadline = None if timeout is None else time.monotonic() + timeout
+    return _follow(client, key, _first_id(client, key, live, after), _block(client), deadline)
+
+
+def _block(client: Redis) -> float:
+    """How long one XREAD may block: well inside the client's socket timeout."""
+    socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    return _MAX_BLOCK if not socket_timeout else min(_MAX_BLOCK, socket_timeout / 2)
+
+
+def _follow(
+    client: Redis, key: str, last: str, block: float, deadline: float | None
+) -> Iterator[Record]:
+    next_seq: int | None = None
     while True:
         wait = block if deadline is None else min(block, deadline - time.monotonic())
         if wait <= 0:
-            raise StreamTimeoutError(f"job {job_id} did not end within {timeout:g}s")
+            raise StreamTimeoutError(f"{key} did not end in time")
         response: Any = client.xread({key: last}, count=_BATCH, block=max(1, int(wait * 1000)))
         if not response:
             continue
@@ -68,7 +80,7 @@ def read_stream(
                     continue
                 if next_seq is not None and entry.seq > next_seq:
                     raise ProtocolError(
-                        f"job {job_id}: token {next_seq} is missing (got {entry.seq} at {last})"
+                        f"{key}: token {next_seq} is missing (got {entry.seq} at {last})"
                     )
                 next_seq = entry.seq + 1
             yield record

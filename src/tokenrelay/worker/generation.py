@@ -44,9 +44,7 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     except LookupError:
         raise ConfigurationError("tokenrelay jobs run only in `tokenrelay worker`") from None
     assert job is not None, "generate runs inside an RQ job"
-    attempt = (job.number_of_retries or 0) + 1
-    with structlog.contextvars.bound_contextvars(job_id=job.id, attempt=attempt):
-        return _run(job, GenerationRequest.from_payload(payload, job.id), payload, settings)
+    return _run(job, GenerationRequest.from_payload(payload, job.id), payload, settings)
 
 
 def _run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import FrameType
 from typing import Any
 
@@ -57,6 +58,11 @@ class RelayJob(Job):
         return None
 
 
+def _job_context(job: Job) -> AbstractContextManager[None]:
+    attempt = (job.number_of_retries or 0) + 1
+    return structlog.contextvars.bound_contextvars(job_id=job.id, attempt=attempt)
+
+
 class RelayWorker(Worker):
     """An RQ worker with JSON jobs, the `RelayJob` allow-list and tokenrelay's end-of-job hooks."""
 
@@ -79,10 +85,17 @@ class RelayWorker(Worker):
         )
         self.relay_settings = settings
 
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run the job in a work horse, with every log line about it carrying its id."""
+        with _job_context(job):
+            super().execute_job(job, queue)
+
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        """Run the job (in the work horse) with this worker's settings."""
         token = worker_settings.set(self.relay_settings)
         try:
-            return bool(super().perform_job(job, queue, execution))
+            with _job_context(job):
+                return bool(super().perform_job(job, queue, execution))
         finally:
             worker_settings.reset(token)
 
