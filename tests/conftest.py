@@ -18,10 +18,14 @@ from typing import Any
 
 import pytest
 from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
 from support.scripted_openai import Script, ScriptedOpenAI
 
-from tokenrelay import Relay, Settings
+from tokenrelay import EndEntry, ErrorEntry, Relay, Settings
 from tokenrelay.connection import connect
+from tokenrelay.keys import token_stream
+from tokenrelay.protocol import records
 from tokenrelay.redis_server import RedisServer
 
 #: The API key the workers are given; no log line or error may ever contain it.
@@ -135,6 +139,28 @@ class WorkerProcess:
         """Send a signal to the worker process."""
         self.process.send_signal(signum)
 
+    def horse_pid(self) -> int:
+        """The pid of the work horse, the child process that runs the current job."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process ended while we looked
+            if int(fields[1]) == self.process.pid:
+                return int(stat.parent.name)
+        raise AssertionError(f"worker {self.process.pid} has no work horse")
+
+
+def terminal_entries(client: Redis, job_id: str) -> list[EndEntry | ErrorEntry]:
+    """Every terminal entry in the job's whole stream, read past the first with XRANGE."""
+    raw = client.xrange(token_stream(job_id))
+    return [r.entry for r in records(raw) if isinstance(r.entry, EndEntry | ErrorEntry)]
+
+
+def rq_status(client: Redis, job_id: str) -> str:
+    """RQ's own status of the job."""
+    return str(Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status().value)
+
 
 @dataclass
 class Workers:
@@ -144,20 +170,27 @@ class Workers:
     directory: Path
     started: list[WorkerProcess] = field(default_factory=list)
 
-    def start(self, *args: str, burst: bool = False) -> WorkerProcess:
+    def start(
+        self, *args: str, burst: bool = False, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        """Start `tokenrelay worker` with the test's environment (plus `env`)."""
         log_path = self.directory / f"worker-{len(self.started)}.log"
         command = [sys.executable, "-m", "tokenrelay", "worker", *args]
         if burst:
             command.append("--burst")
         with log_path.open("wb") as log:
-            process = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
+            process = subprocess.Popen(
+                command, env={**self.env, **(env or {})}, stdout=log, stderr=log
+            )
         worker = WorkerProcess(process, log_path)
         self.started.append(worker)
         return worker
 
-    def run_burst(self, *args: str, timeout: float = 60) -> WorkerProcess:
+    def run_burst(
+        self, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
         """Run a burst worker until the queue is empty."""
-        worker = self.start(*args, burst=True)
+        worker = self.start(*args, burst=True, env=env)
         assert worker.wait(timeout) == 0, worker.log_path.read_text()
         return worker
 

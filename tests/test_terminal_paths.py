@@ -1,0 +1,277 @@
+"""Every way a job can end leaves exactly one terminal entry in its stream, and RQ agrees.
+
+Each fault is the real thing: a server error, a cut connection, a job timeout, a
+SIGKILLed work horse, a SIGKILLed worker found abandoned, a stop command, a cancel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import ScriptedLLM, WorkerProcess, Workers, rq_status, terminal_entries
+from redis import Redis
+from rq.command import send_stop_job_command
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from tokenrelay import EndEntry, ErrorEntry, Event, JobHandle, JobState, Relay, Settings, TokenEntry
+from tokenrelay.errors import StreamClosedError
+from tokenrelay.protocol import parse_event
+from tokenrelay.worker.runner import RelayJob
+from tokenrelay.writer import StreamWriter, close_stream
+
+WORDS = [f" w{i}" for i in range(20)]
+
+
+def the_error(client: Redis, handle: JobHandle) -> ErrorEntry:
+    """The job's one terminal entry, which must be an error."""
+    [entry] = terminal_entries(client, handle.job_id)
+    assert isinstance(entry, ErrorEntry)
+    return entry
+
+
+def wait_for_tokens(handle: JobHandle, count: int) -> None:
+    """Block until the job has published `count` tokens."""
+    for _, entry in handle.records(timeout=30):
+        if isinstance(entry, TokenEntry) and entry.seq == count - 1:
+            return
+    raise AssertionError(f"the stream ended before {count} tokens")
+
+
+def lifecycle(client: Redis, job_id: str) -> list[Event]:
+    """The job's lifecycle events, in order."""
+    events = [parse_event(fields) for _, fields in client.xrange("tokenrelay:events")]
+    return [e.event for e in events if e.job_id == job_id]
+
+
+def test_success_ends_with_one_end_entry(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """A clean generation ends with `end`, and RQ marks the job finished."""
+    handle = relay.submit("hi", model=llm.script(WORDS))
+    workers.run_burst()
+    [entry] = terminal_entries(redis_client, handle.job_id)
+    assert isinstance(entry, EndEntry)
+    assert rq_status(redis_client, handle.job_id) == "finished"
+
+
+def test_a_model_error_ends_with_one_retryable_error_entry(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """An HTTP 500 from the model becomes an `error` entry marked retryable; RQ says failed."""
+    handle = relay.submit("hi", model=llm.script(status=500))
+    workers.run_burst()
+    error = the_error(redis_client, handle)
+    assert (error.error_type, error.retryable, error.attempt) == ("OpenAIAPIError", True, 1)
+    assert "scripted failure" in error.message
+    assert rq_status(redis_client, handle.job_id) == "failed"
+
+
+def test_an_unknown_model_is_an_error_that_is_not_retryable(
+    relay: Relay, workers: Workers, redis_client: Redis
+) -> None:
+    """A 404 for the model will not fix itself, so the error says not to retry."""
+    handle = relay.submit("hi", model="no-such-model")
+    workers.run_burst()
+    error = the_error(redis_client, handle)
+    assert not error.retryable
+    assert "does not exist" in error.message
+
+
+def test_a_stream_cut_before_its_finish_reason_is_an_error_not_a_success(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """A response that ends without a finish reason was cut short: `error`, never `end`."""
+    handle = relay.submit("hi", model=llm.script(["a", "b", "c"], fault="cut"))
+    workers.run_burst()
+    error = the_error(redis_client, handle)
+    assert error.error_type == "TruncatedStreamError"
+    assert error.retryable
+    texts = [e.text for _, e in handle.records(timeout=5) if isinstance(e, TokenEntry)]
+    assert texts == ["a", "b", "c"]
+    assert rq_status(redis_client, handle.job_id) == "failed"
+
+
+def test_a_dropped_connection_is_an_error(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """A connection that breaks mid-stream ends the job with a retryable `error`."""
+    handle = relay.submit("hi", model=llm.script(["a", "b"], fault="drop"))
+    workers.run_burst()
+    error = the_error(redis_client, handle)
+    assert error.error_type == "OpenAIConnectionError"
+    assert error.retryable
+
+
+def test_a_job_timeout_ends_with_one_error_entry(
+    redis_client: Redis, settings: Settings, llm: ScriptedLLM, workers: Workers
+) -> None:
+    """A generation that outlives its job timeout is ended by RQ and gets a timeout `error`."""
+    relay = Relay(redis_client, settings.with_overrides(job_timeout=2))
+    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
+    workers.run_burst()
+    error = the_error(redis_client, handle)
+    assert error.error_type == "JobTimeoutException"
+    assert error.retryable
+    assert rq_status(redis_client, handle.job_id) == "failed"
+
+
+def test_a_killed_work_horse_ends_its_job_with_one_error_and_the_worker_goes_on(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """SIGKILL of the job's process: one `error` entry, and the worker takes the next job."""
+    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
+    worker = workers.start()
+    wait_for_tokens(handle, 3)
+    os.kill(worker.horse_pid(), signal.SIGKILL)
+    error = the_error_eventually(redis_client, handle)
+    assert error.error_type == "WorkHorseKilled"
+    assert "killed by signal 9" in error.message
+    assert error.retryable
+    wait_for_rq_status(redis_client, handle.job_id, "failed")
+    after = relay.submit("next", model=llm.script(["fine"]))
+    assert after.text(timeout=30) == "fine"
+
+
+def test_a_killed_worker_leaves_an_abandoned_job_that_the_cleanup_ends(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """SIGKILL of the whole worker: RQ's abandoned-job cleanup writes the one `error` entry."""
+    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
+    worker = workers.start()
+    wait_for_tokens(handle, 3)
+    horse = worker.horse_pid()
+    worker.signal(signal.SIGKILL)
+    worker.wait()
+    os.kill(horse, signal.SIGKILL)
+    assert terminal_entries(redis_client, handle.job_id) == []
+    assert handle.status() is JobState.STARTED
+    registry = StartedJobRegistry(
+        "tokenrelay", connection=redis_client, job_class=RelayJob, serializer=JSONSerializer
+    )
+    # The dead worker's heartbeat would lapse in a minute or more; look from an hour on.
+    registry.cleanup(timestamp=time.time() + 3600)
+    error = the_error(redis_client, handle)
+    assert error.error_type == "AbandonedJobError"
+    assert error.retryable
+    assert rq_status(redis_client, handle.job_id) == "failed"
+
+
+def test_a_stop_command_ends_the_job_with_one_error_entry(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """RQ's stop-job command kills the horse; the stopped callback writes the `error`."""
+    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
+    workers.start()
+    wait_for_tokens(handle, 3)
+    send_stop_job_command(redis_client, handle.job_id, serializer=JSONSerializer)
+    error = the_error_eventually(redis_client, handle)
+    assert (error.error_type, error.retryable) == ("JobStopped", False)
+    wait_for_rq_status(redis_client, handle.job_id, "stopped")
+
+
+def test_cancelling_a_running_job_stops_it_with_one_cancelled_entry(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """cancel() ends the stream at once and stops the work horse; nothing is written after."""
+    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
+    workers.start()
+    wait_for_tokens(handle, 3)
+    assert handle.cancel()
+    assert the_error(redis_client, handle).error_type == "cancelled"
+    wait_for_rq_status(redis_client, handle.job_id, "stopped")
+    assert the_error(redis_client, handle).error_type == "cancelled"
+    assert handle.status() is JobState.CANCELLED
+    assert lifecycle(redis_client, handle.job_id)[-1] is Event.CANCELLED
+    assert not handle.cancel()
+
+
+def test_cancelling_a_queued_job_means_it_never_runs(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """A job cancelled before a worker took it has only its `cancelled` entry, and never starts."""
+    handle = relay.submit("hi", model=llm.script(WORDS))
+    assert handle.cancel()
+    workers.run_burst()
+    [only] = list(handle.records(timeout=5))
+    assert isinstance(only.entry, ErrorEntry)
+    assert only.entry.error_type == "cancelled"
+    assert rq_status(redis_client, handle.job_id) == "canceled"
+    assert lifecycle(redis_client, handle.job_id) == [Event.SUBMITTED, Event.CANCELLED]
+
+
+def test_a_warm_shutdown_finishes_the_running_job(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis, llm_server: object
+) -> None:
+    """One SIGTERM lets the current generation finish, then the worker exits cleanly."""
+    handle = relay.submit("hi", model=llm.script(WORDS, token_delay=0.02))
+    worker = workers.start()
+    wait_for_tokens(handle, 1)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    [entry] = terminal_entries(redis_client, handle.job_id)
+    assert isinstance(entry, EndEntry)
+    assert handle.text(timeout=5) == "".join(WORDS)
+
+
+def test_a_cold_shutdown_ends_the_running_job_with_one_error(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """A second SIGTERM kills the running job; its stream gets a `WorkerShutdown` error."""
+    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
+    worker = workers.start()
+    wait_for_tokens(handle, 3)
+    worker.signal(signal.SIGTERM)
+    wait_for_log(worker, "warm shut down requested")
+    time.sleep(1.1)  # RQ ignores a second signal within 1 s of the first, as a duplicate
+    worker.signal(signal.SIGTERM)
+    worker.wait(timeout=30)
+    error = the_error(redis_client, handle)
+    assert (error.error_type, error.retryable) == ("WorkerShutdown", True)
+
+
+def test_the_first_terminal_entry_wins_and_nothing_follows_it(redis_client: Redis) -> None:
+    """close_stream is atomic: a second terminal entry or a late token is refused."""
+    writer = StreamWriter(redis_client, "race", ttl=60)
+    writer.token("a")
+    assert close_stream(redis_client, "race", ErrorEntry("cancelled", "m", False), ttl=60)
+    assert not close_stream(redis_client, "race", EndEntry("stop", 1), ttl=60)
+    with pytest.raises(StreamClosedError):
+        writer.token("b")
+    assert [type(e) for e in terminal_entries(redis_client, "race")] == [ErrorEntry]
+    assert 0 < redis_client.ttl("tokenrelay:{race}:tokens") <= 60
+
+
+def test_a_repeated_token_append_is_written_once(redis_client: Redis) -> None:
+    """A client retry of a token append (the same sequence number) does not duplicate it."""
+    writer = StreamWriter(redis_client, "retry", ttl=60)
+    writer.token("a")
+    writer.tokens = 0  # as if the reply to the first append was lost and it was sent again
+    writer.token("a")
+    assert redis_client.xlen("tokenrelay:{retry}:tokens") == 1
+
+
+def the_error_eventually(client: Redis, handle: JobHandle) -> ErrorEntry:
+    """The job's error entry, once a reader sees it (a hook in another process writes it)."""
+    *_, last = handle.records(timeout=30)
+    assert isinstance(last.entry, ErrorEntry)
+    return the_error(client, handle)
+
+
+def wait_for_rq_status(client: Redis, job_id: str, status: str, timeout: float = 30) -> None:
+    """Poll RQ's job status until it is `status` (RQ's own bookkeeping has no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while rq_status(client, job_id) != status:
+        assert time.monotonic() < deadline, f"job {job_id} is {rq_status(client, job_id)}"
+        time.sleep(0.05)
+
+
+def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 30) -> None:
+    """Poll the worker's log until a line contains `text`."""
+    deadline = time.monotonic() + timeout
+    while not any(text in line["event"] for line in worker.logs()):
+        assert time.monotonic() < deadline, f"no log line with {text!r}"
+        time.sleep(0.05)
