@@ -14,7 +14,7 @@ import redis
 
 from tokenrelay.connection import connect
 from tokenrelay.consumers.viewer import view
-from tokenrelay.errors import ConfigurationError
+from tokenrelay.errors import ConfigurationError, RedisUnavailableError
 from tokenrelay.producer import Relay
 from tokenrelay.protocol import EndEntry
 from tokenrelay.redis_server import RedisServer
@@ -25,19 +25,19 @@ def _say(text: str) -> None:
     print(f"[demo] {text}", file=sys.stderr, flush=True)
 
 
-def _redis_url(settings: Settings, stack: ExitStack) -> str:
+def _redis_url(settings: Settings, stack: ExitStack, default_url: str) -> str:
     """The configured Redis, else one on the default address, else a private one."""
     if settings.redis_url:
         _say(f"redis: using {settings.redis_url} (TOKENRELAY_REDIS_URL)")
         return settings.redis_url
     try:
-        connect(DEFAULT_REDIS_URL).close()
-    except Exception:
+        connect(default_url).close()
+    except RedisUnavailableError:
         server = stack.enter_context(RedisServer())
         _say(f"redis: none configured or running, started a private one at {server.url}")
         return server.url
-    _say(f"redis: using the one running at {DEFAULT_REDIS_URL}")
-    return DEFAULT_REDIS_URL
+    _say(f"redis: using the one running at {default_url}")
+    return default_url
 
 
 def _llm_environment(settings: Settings) -> dict[str, str]:
@@ -49,7 +49,11 @@ def _llm_environment(settings: Settings) -> dict[str, str]:
         )
     where = settings.openai_base_url or "the OpenAI API"
     _say(f"model: {settings.model} at {where}")
-    return {}
+    return {
+        "OPENAI_BASE_URL": settings.openai_base_url or "",
+        "OPENAI_API_KEY": settings.openai_api_key.reveal(),
+        "TOKENRELAY_MODEL": settings.model,
+    }
 
 
 @contextmanager
@@ -80,10 +84,12 @@ def _summary(end: EndEntry) -> str:
     return f"finished ({end.finish_reason}): {end.tokens} tokens in {seconds:.2f} s{ttft}{rate}"
 
 
-def run_demo(settings: Settings, *, prompt: str, max_tokens: int) -> int:
+def run_demo(
+    settings: Settings, *, prompt: str, max_tokens: int, default_redis_url: str = DEFAULT_REDIS_URL
+) -> int:
     """Run the demo end to end; stops everything it started. The exit code."""
     with ExitStack() as stack:
-        url = _redis_url(settings, stack)
+        url = _redis_url(settings, stack, default_redis_url)
         env = {**os.environ, **_llm_environment(settings), "TOKENRELAY_REDIS_URL": url}
         log_file = stack.enter_context(
             tempfile.NamedTemporaryFile(

@@ -1,0 +1,74 @@
+"""The demo: it starts what is missing, streams one generation, and stops what it started."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import ScriptedLLM
+
+from tokenrelay import Settings
+from tokenrelay.demo import run_demo
+from tokenrelay.redis_server import free_port
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:port."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_demo_command_streams_a_generation_and_stops_its_worker(
+    env: dict[str, str], llm: ScriptedLLM
+) -> None:
+    """`tokenrelay demo` on a configured Redis and model prints the text and a summary."""
+    model = llm.script(["Streams ", "are ", "durable ", "logs."])
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "demo", "What is a stream?", "--max-tokens", "10"],
+        env={**env, "TOKENRELAY_MODEL": model},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Streams are durable logs." in done.stdout
+    assert "finished (stop): 4 tokens" in done.stderr
+    assert "tokenrelay --redis-url" in done.stderr  # how to follow it from a second terminal
+
+
+def test_the_demo_starts_a_private_redis_when_none_is_configured_or_running(
+    settings: Settings, llm: ScriptedLLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no Redis URL and nothing on the default address, it runs its own and stops it."""
+    nobody_home = free_port()
+    demo_settings = Settings(
+        openai_base_url=settings.openai_base_url,
+        openai_api_key=settings.openai_api_key,
+        model=llm.script(["private ", "redis"]),
+        llm_max_retries=0,
+    )
+    code = run_demo(
+        demo_settings,
+        prompt="hi",
+        max_tokens=5,
+        default_redis_url=f"redis://127.0.0.1:{nobody_home}/0",
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "private redis" in out.out
+    assert "started a private one at redis://127.0.0.1:" in out.err
+    port = int(out.err.split("started a private one at redis://127.0.0.1:")[1].split("/")[0])
+    assert not listening(port)
+
+
+def test_the_demo_explains_what_to_set_when_no_model_is_configured(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without an API key or base URL the demo says how to configure a model."""
+    from tokenrelay.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"set OPENAI_API_KEY .* or OPENAI_BASE_URL"):
+        run_demo(Settings(redis_url=redis_url), prompt="hi", max_tokens=5)

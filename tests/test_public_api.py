@@ -1,0 +1,41 @@
+"""The public API is exactly what `tokenrelay.__all__` says."""
+
+from __future__ import annotations
+
+import tokenrelay
+
+
+def test_all_lists_every_public_name() -> None:
+    """Every public name of the package is in __all__, and every name in __all__ exists."""
+    public = {name for name in vars(tokenrelay) if not name.startswith("_")}
+    modules = {name for name in public if type(getattr(tokenrelay, name)).__name__ == "module"}
+    assert public - modules == set(tokenrelay.__all__)
+
+
+def test_the_api_is_small() -> None:
+    """The surface a user learns: submitting, handles, entries, settings and errors."""
+    assert set(tokenrelay.__all__) == {
+        "Relay",
+        "submit",
+        "submit_many",
+        "JobHandle",
+        "JobState",
+        "Result",
+        "Record",
+        "EntryKind",
+        "StartEntry",
+        "TokenEntry",
+        "EndEntry",
+        "ErrorEntry",
+        "Event",
+        "LifecycleEvent",
+        "Settings",
+        "TokenRelayError",
+        "ConfigurationError",
+        "InvalidRequestError",
+        "RedisUnavailableError",
+        "JobNotFoundError",
+        "JobFailedError",
+        "StreamTimeoutError",
+        "ProtocolError",
+    }
