@@ -50,11 +50,12 @@ def test_a_submitted_prompt_streams_its_scripted_text(
     entries = [entry for _, entry in handle.records(timeout=10)]
     start, *tokens, end = entries
     assert isinstance(start, StartEntry)
-    assert (start.job_id, start.model, start.attempt, start.max_tokens) == (
+    assert (start.job_id, start.model, start.attempt, start.max_tokens, start.prompt_chars) == (
         handle.job_id,
         model,
         1,
         50,
+        len("Say hello"),
     )
     assert start.submitted_at is not None
     assert start.submitted_at <= start.started_at

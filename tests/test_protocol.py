@@ -9,7 +9,7 @@ from tokenrelay.errors import ProtocolError
 from tokenrelay.protocol import encode, encode_event, parse, parse_event
 
 ENTRIES = [
-    StartEntry("job-1", "gpt-x", 1, 1700000000.5, 1700000001.25, "worker-a", 64),
+    StartEntry("job-1", "gpt-x", 1, 1700000000.5, 1700000001.25, "worker-a", 64, 12),
     TokenEntry(0, "héllo 👋 \n"),
     EndEntry("stop", 3, 5, 3, 8, 12.5, 40.25, 99.0),
     EndEntry("length", 0),

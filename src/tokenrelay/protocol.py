@@ -49,6 +49,7 @@ class StartEntry:
     started_at: float
     worker: str
     max_tokens: int
+    prompt_chars: int
     v: int = PROTOCOL_VERSION
 
 

@@ -30,19 +30,25 @@ from tokenrelay.protocol import (
 
 log = structlog.get_logger()
 
-# ARGV: ttl (0 keeps the current one), then the entry's field/value pairs, `kind` first;
-# a token entry's second pair is its `seq`.
+# KEYS: the job stream, and optionally the lifecycle stream.
+# ARGV: ttl (0 keeps the current one), the lifecycle stream's MAXLEN, the number of entry
+# arguments N, then the entry's N field/value arguments (`kind` first; a token's `seq`
+# second), then the lifecycle event's field/value arguments, if KEYS[2] is given.
 _APPEND = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if last then
   local f = last[2]
   if f[2] == 'end' or f[2] == 'error' then return false end
-  if ARGV[3] == 'token' and f[2] == 'token' and tonumber(f[4]) >= tonumber(ARGV[5]) then
+  if ARGV[5] == 'token' and f[2] == 'token' and tonumber(f[4]) >= tonumber(ARGV[7]) then
     return last[1]
   end
 end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+local n = tonumber(ARGV[3])
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4, 3 + n))
 if ARGV[1] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+if KEYS[2] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4 + n))
+end
 return id
 """
 _APPEND_SHA = hashlib.sha1(_APPEND.encode(), usedforsecurity=False).hexdigest()
@@ -54,15 +60,26 @@ def emit(client: Redis, event: LifecycleEvent) -> None:
     client.xadd(keys.EVENTS_STREAM, fields, maxlen=keys.EVENTS_MAXLEN, approximate=True)
 
 
-def _append(client: Redis, key: str, fields: dict[str, str], ttl: int) -> str | None:
-    """Run the append script; the new entry's id, or None if the stream is closed."""
-    argv = [str(ttl)]
-    for name, value in fields.items():
-        argv += (name, value)
+def _append(
+    client: Redis,
+    key: str,
+    fields: dict[str, str],
+    ttl: int,
+    event: LifecycleEvent | None = None,
+) -> str | None:
+    """Run the append script; the new entry's id, or None if the stream is closed.
+
+    With `event`, the lifecycle entry is appended in the same atomic step.
+    """
+    keys_ = [key] if event is None else [key, keys.EVENTS_STREAM]
+    argv = [str(ttl), str(keys.EVENTS_MAXLEN), str(2 * len(fields))]
+    for pairs in (fields, encode_event(event) if event else {}):
+        for name, value in pairs.items():
+            argv += (name, value)
     try:
-        entry_id = client.evalsha(_APPEND_SHA, 1, key, *argv)
+        entry_id = client.evalsha(_APPEND_SHA, len(keys_), *keys_, *argv)
     except NoScriptError:  # the first call after a Redis restart, or ever
-        entry_id = client.eval(_APPEND, 1, key, *argv)
+        entry_id = client.eval(_APPEND, len(keys_), *keys_, *argv)
     return None if entry_id is None else str(entry_id.decode())
 
 
@@ -81,17 +98,15 @@ def close_stream(
 ) -> bool:
     """Write the stream's terminal entry unless it has one; True if this call wrote it.
 
-    The writer that wins also records the lifecycle event, so each job gets one.
+    The lifecycle event is written in the same atomic step, so each job gets exactly one.
     """
-    if _append(client, keys.token_stream(job_id), encode(entry), ttl) is None:
-        return False
     if isinstance(entry, EndEntry):
-        event, error_type = Event.FINISHED, None
+        kind, error_type = Event.FINISHED, None
     else:
-        event = Event.CANCELLED if entry.error_type == CANCELLED else Event.FAILED
+        kind = Event.CANCELLED if entry.error_type == CANCELLED else Event.FAILED
         error_type = entry.error_type
-    emit(client, LifecycleEvent(event, job_id, time.time(), queue, model, error_type))
-    return True
+    event = LifecycleEvent(kind, job_id, time.time(), queue, model, error_type)
+    return _append(client, keys.token_stream(job_id), encode(entry), ttl, event) is not None
 
 
 def _well_formed(text: str) -> str:
@@ -114,13 +129,14 @@ class StreamWriter:
         self._ttl = ttl
         self._held = ""  # a high surrogate whose low half may come with the next token
 
-    def _write(self, fields: dict[str, str], ttl: int) -> None:
-        if _append(self._client, self.key, fields, ttl) is None:
+    def _write(self, fields: dict[str, str], ttl: int, event: LifecycleEvent | None = None) -> None:
+        if _append(self._client, self.key, fields, ttl, event) is None:
             raise StreamClosedError(f"the stream of job {self.job_id} is already closed")
 
-    def start(self, entry: StartEntry) -> None:
-        """Write the `start` entry; raises StreamClosedError if the job was already ended."""
-        self._write(encode(entry), self._ttl)
+    def start(self, entry: StartEntry, queue: str | None = None) -> None:
+        """Write the `start` entry and the `started` event; StreamClosedError if already ended."""
+        event = LifecycleEvent(Event.STARTED, self.job_id, entry.started_at, queue, entry.model)
+        self._write(encode(entry), self._ttl, event)
 
     def token(self, text: str) -> None:
         """Append one token; raises StreamClosedError once the job has been ended elsewhere."""

@@ -15,12 +15,12 @@ from rq import get_current_job
 from rq.job import Job
 
 from tokenrelay.errors import ConfigurationError, StreamClosedError, TruncatedStreamError
-from tokenrelay.protocol import EndEntry, Event, LifecycleEvent, StartEntry
+from tokenrelay.protocol import EndEntry, StartEntry
 from tokenrelay.request import GenerationRequest
 from tokenrelay.settings import Settings
 from tokenrelay.worker.llm import chat_model, error_entry
 from tokenrelay.worker.publisher import TokenPublisher
-from tokenrelay.writer import StreamWriter, close_stream, emit
+from tokenrelay.writer import StreamWriter, close_stream
 
 log = structlog.get_logger()
 
@@ -59,10 +59,16 @@ def _run(
     submitted = job.enqueued_at.timestamp() if job.enqueued_at else None
     writer = StreamWriter(client, job.id, ttl=ttl)
     start = StartEntry(
-        job.id, model, attempt, submitted, started, job.worker_name or "", max_tokens
+        job.id,
+        model,
+        attempt,
+        submitted,
+        started,
+        job.worker_name or "",
+        max_tokens,
+        request.prompt_chars,
     )
-    writer.start(start)
-    emit(client, LifecycleEvent(Event.STARTED, job.id, started, job.origin, model))
+    writer.start(start, queue=job.origin)
     queue_wait_ms = None if submitted is None else (started - submitted) * 1000
     log.info(
         "job.started", model=model, prompt_chars=request.prompt_chars, queue_wait_ms=queue_wait_ms
