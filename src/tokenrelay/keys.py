@@ -25,3 +25,17 @@ ON_STOPPED_CALLBACK = "tokenrelay.worker.hooks.on_stopped"
 def token_stream(job_id: str) -> str:
     """The key of the per-job token stream."""
     return f"{PREFIX}:{{{job_id}}}:tokens"
+
+
+#: Consumer groups on the lifecycle stream, one per kind of consumer.
+RECORDER_GROUP = "recorder"
+METRICS_GROUP = "metrics"
+
+
+def consumer_stats(group: str) -> str:
+    """The hash of a consumer group's own counters (what it processed, what it found missing)."""
+    return f"{PREFIX}:consumer:{group}"
+
+
+#: The hash holding the metrics consumer's aggregates.
+METRICS_STATE = f"{PREFIX}:metrics"
