@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenrelay import logs
+from tokenrelay import keys, logs
 from tokenrelay.batch import load_batch
+from tokenrelay.connection import connect
 from tokenrelay.consumers.viewer import view
 from tokenrelay.errors import InvalidRequestError, TokenRelayError
 from tokenrelay.handle import JobHandle
@@ -102,6 +106,44 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _stop_on_signals() -> threading.Event:
+    """An event set by the first SIGINT or SIGTERM, for a clean stop between events."""
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def cmd_record(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.consumers.group import GroupConsumer
+    from tokenrelay.consumers.recorder import Recorder
+
+    client = connect(settings.effective_redis_url)
+    consumer = GroupConsumer(client, keys.RECORDER_GROUP, args.name, claim_after=args.claim_after)
+    recorder = Recorder(client, args.dir)
+    if args.once:
+        consumer.run_until_idle(recorder)
+    else:
+        consumer.run(recorder, _stop_on_signals())
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.consumers.status import collect_status, render
+
+    client = connect(settings.effective_redis_url)
+    status = collect_status(client, args.queue or [settings.queue])
+    if args.json:
+        print(json.dumps(status.as_dict(), indent=2))
+    else:
+        sys.stdout.write(render(status))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.demo import run_demo
 
@@ -176,6 +218,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", action="store_true", help="stop when the queues are empty")
     p.add_argument("--name", help="worker name (default: generated)")
     p.set_defaults(run=cmd_worker)
+
+    p = sub.add_parser("record", help="write a transcript of every job that ends (a consumer)")
+    p.add_argument("--dir", type=Path, required=True, help="where transcripts are written")
+    p.add_argument(
+        "--name", help="this recorder's name in its group (stable: resume after a crash)"
+    )
+    p.add_argument(
+        "--claim-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="take over events another recorder left unfinished this long (default 60)",
+    )
+    p.add_argument("--once", action="store_true", help="record what has ended so far, then exit")
+    p.set_defaults(run=cmd_record)
+
+    p = sub.add_parser("status", help="queues, workers, jobs in flight, failures, consumer lag")
+    p.add_argument("--queue", action="append", help="queue to show (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(run=cmd_status)
 
     p = sub.add_parser("demo", help="start what is missing, run a generation, show it live")
     p.add_argument(

@@ -54,6 +54,7 @@ class GroupLag:
     pending: int  # delivered to a member, not yet acknowledged
     lag: int | None  # not yet delivered; None where Redis cannot tell (before 7.0, or trimmed)
     last_delivered: str
+    entries_read: int | None = None
 
 
 def group_lags(client: Redis) -> list[GroupLag]:
@@ -68,6 +69,7 @@ def group_lags(client: Redis) -> list[GroupLag]:
             pending=int(g["pending"]),
             lag=None if g.get("lag") is None else int(g["lag"]),
             last_delivered=_text(g["last-delivered-id"]),
+            entries_read=None if g.get("entries-read") is None else int(g["entries-read"]),
         )
         for g in groups
     ]
@@ -75,11 +77,6 @@ def group_lags(client: Redis) -> list[GroupLag]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def default_consumer_name() -> str:
@@ -139,29 +136,32 @@ class GroupConsumer:
                 handled += 1
         return handled
 
-    def check_trimmed(self) -> bool:
+    def check_trimmed(self) -> int:
         """Report events trimmed from the lifecycle stream before this group read them.
 
-        Needs Redis 7 (`max-deleted-entry-id`); True if a loss was found (and counted).
+        Redis 7 counts what was ever added, what the group read and what it has left
+        to read; the difference was trimmed unread. Returns how many (0 before Redis 7).
         """
         info: Any = self.client.xinfo_stream(keys.EVENTS_STREAM)
-        deleted = info.get("max-deleted-entry-id")
+        added = info.get("entries-added")
         mine = next((g for g in group_lags(self.client) if g.group == self.group), None)
-        if deleted is None or mine is None or _id(_text(deleted)) <= _id(mine.last_delivered):
-            return False
-        first = info.get("first-entry")
-        log.warning(
-            "consumer.events_trimmed_unread",
-            group=self.group,
-            last_read=mine.last_delivered,
-            first_available=_text(first[0]) if first else None,
-        )
+        if added is None or mine is None or mine.lag is None:
+            return 0
+        lost = int(added) - (mine.entries_read or 0) - mine.lag
+        if lost <= 0:
+            return 0
+        log.warning("consumer.events_trimmed_unread", group=self.group, events=lost)
         with self.client.pipeline() as pipe:
-            pipe.hincrby(self.stats_key, "trim_gaps", 1)
-            # Move on: what was trimmed cannot be read; don't report the same gap again.
-            pipe.xgroup_setid(keys.EVENTS_STREAM, self.group, _text(deleted))
+            pipe.hincrby(self.stats_key, "events_trimmed", lost)
+            # Count them as read, so that the same loss is reported once.
+            pipe.xgroup_setid(
+                keys.EVENTS_STREAM,
+                self.group,
+                mine.last_delivered,
+                entries_read=(mine.entries_read or 0) + lost,
+            )
             pipe.execute()
-        return True
+        return lost
 
     def _pending(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """This member's delivered but unacknowledged events (after a crash and a restart)."""

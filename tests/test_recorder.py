@@ -1,0 +1,252 @@
+"""The transcript recorder: one complete transcript per ended job, across crashes and peers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import ScriptedLLM, Workers
+from redis import Redis
+
+from tokenrelay import JobHandle, Relay, TokenEntry
+from tokenrelay.consumers.group import Delivery, GroupConsumer
+from tokenrelay.consumers.recorder import Recorder
+from tokenrelay.keys import RECORDER_GROUP, consumer_stats
+from tokenrelay.protocol import Event, parse_event
+
+
+def record_once(env: dict[str, str], directory: Path, name: str = "catch-up") -> str:
+    """Run `tokenrelay record --once`; its log."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenrelay",
+            "record",
+            "--dir",
+            str(directory),
+            "--once",
+            "--name",
+            name,
+            "--claim-after",
+            "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def stream_text(handle: JobHandle) -> bytes:
+    """The job's text as its stream holds it."""
+    records = handle.records(timeout=5)
+    return "".join(r.entry.text for r in records if isinstance(r.entry, TokenEntry)).encode()
+
+
+def transcripts(directory: Path) -> dict[str, dict[str, Any]]:
+    """The metadata of every transcript in `directory`, by job id."""
+    return {p.stem: json.loads(p.read_text()) for p in directory.glob("*.json")}
+
+
+def assert_complete(directory: Path, handles: list[JobHandle]) -> None:
+    """Every job has exactly one transcript pair whose text is byte-identical to its stream."""
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        f"{h.job_id}{suffix}" for h in handles for suffix in (".json", ".txt")
+    )
+    for handle in handles:
+        text = (directory / f"{handle.job_id}.txt").read_bytes()
+        assert text == stream_text(handle)
+        meta = json.loads((directory / f"{handle.job_id}.json").read_text())
+        assert meta["text_bytes"] == len(text)
+
+
+def test_finished_failed_and_cancelled_jobs_each_get_a_transcript(
+    env: dict[str, str], relay: Relay, llm: ScriptedLLM, workers: Workers, tmp_path: Path
+) -> None:
+    """The text file holds the stream's text; the metadata says how the job ended."""
+    ok = relay.submit("hello", model=llm.script(["Hi", " there", " ✓"]), max_tokens=9)
+    bad = relay.submit("oops", model=llm.script(["par", "tial"], fault="cut"))
+    cancelled = relay.submit("never", model=llm.script(["x"]))
+    cancelled.cancel()
+    workers.run_burst()
+    directory = tmp_path / "transcripts"
+    record_once(env, directory)
+    assert_complete(directory, [ok, bad, cancelled])
+    meta = transcripts(directory)
+    assert (directory / f"{ok.job_id}.txt").read_text() == "Hi there ✓"
+    assert meta[ok.job_id]["status"] == "finished"
+    assert meta[ok.job_id]["finish_reason"] == "stop"
+    assert meta[ok.job_id]["model"].endswith("-1")
+    assert meta[ok.job_id]["prompt_chars"] == 5
+    assert meta[ok.job_id]["max_tokens"] == 9
+    assert meta[ok.job_id]["usage"]["completion_tokens"] == 3
+    assert meta[ok.job_id]["timings_ms"]["time_to_first_token"] > 0
+    first, *_, last = list(ok.records(timeout=5))
+    assert (meta[ok.job_id]["first_entry_id"], meta[ok.job_id]["last_entry_id"]) == (
+        first.id,
+        last.id,
+    )
+    assert meta[bad.job_id]["status"] == "failed"
+    assert meta[bad.job_id]["error"]["type"] == "TruncatedStreamError"
+    assert (directory / f"{bad.job_id}.txt").read_text() == "partial"
+    assert meta[cancelled.job_id]["status"] == "cancelled"
+    assert meta[cancelled.job_id]["tokens"] == 0
+
+
+def test_a_recorder_killed_mid_run_resumes_and_loses_or_doubles_nothing(
+    env: dict[str, str], relay: Relay, llm: ScriptedLLM, workers: Workers, tmp_path: Path
+) -> None:
+    """SIGKILL a recorder while jobs stream, start it again: every job has one exact transcript."""
+    directory = tmp_path / "t"
+    command = [
+        sys.executable,
+        "-m",
+        "tokenrelay",
+        "record",
+        "--dir",
+        str(directory),
+        "--name",
+        "rec-1",
+    ]
+    handles = [
+        relay.submit(f"p{i}", model=llm.script([f"job {i}", " says", " hi"], token_delay=0.02))
+        for i in range(12)
+    ]
+    recorder = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    for _ in range(2):
+        workers.start()
+    handles[3].text(timeout=60)  # jobs are streaming and some have ended
+    recorder.send_signal(signal.SIGKILL)
+    recorder.wait()
+    restarted = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    for handle in handles:
+        handle.text(timeout=60)
+    record_once(env, directory, name="rec-1")  # as the restarted one would, to the end
+    restarted.send_signal(signal.SIGTERM)
+    assert restarted.wait(timeout=30) == 0
+    assert_complete(directory, handles)
+
+
+def test_two_recorders_share_the_work_and_write_each_job_once(
+    env: dict[str, str], relay: Relay, llm: ScriptedLLM, workers: Workers, tmp_path: Path
+) -> None:
+    """Two recorders in one group: each ended job is written once, by one of them."""
+    directory = tmp_path / "shared"
+    recorders = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tokenrelay",
+                "record",
+                "--dir",
+                str(directory),
+                "--name",
+                f"rec-{i}",
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    handles = [
+        relay.submit(f"p{i}", model=llm.script([f"t{i}"], token_delay=0.05)) for i in range(10)
+    ]
+    workers.start()
+    workers.start()
+    for handle in handles:
+        handle.text(timeout=60)
+    record_once(env, directory, name="rec-0")
+    logs = []
+    for recorder in recorders:
+        recorder.send_signal(signal.SIGINT)
+        _, err = recorder.communicate(timeout=30)
+        assert recorder.returncode == 0
+        logs += [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    written = [line["job_id"] for line in logs if line["event"] == "transcript.written"]
+    assert sorted(written) == sorted({*written})  # no job written twice
+    assert_complete(directory, handles)
+
+
+def test_a_crash_between_writing_and_acknowledging_rewrites_nothing(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis, tmp_path: Path
+) -> None:
+    """Files written but the event not acknowledged: the redelivery keeps the files as they are."""
+    handle = relay.submit("hi", model=llm.script(["stable"]))
+    workers.run_burst()
+    directory = tmp_path / "t"
+    recorder = Recorder(redis_client, directory)
+    [(entry_id, fields)] = [
+        (i, f)
+        for i, f in redis_client.xrange("tokenrelay:events")
+        if parse_event(f).event is Event.FINISHED
+    ]
+    with redis_client.pipeline() as never_executed:  # the process dies before EXEC
+        recorder(Delivery(entry_id.decode(), parse_event(fields)), never_executed)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()}
+    GroupConsumer(redis_client, RECORDER_GROUP, "r").run_until_idle(recorder)
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()}
+    assert before == after
+    assert sorted(before) == [f"{handle.job_id}.json", f"{handle.job_id}.txt"]
+
+
+def test_an_expired_stream_is_reported_not_skipped_silently(
+    env: dict[str, str],
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    tmp_path: Path,
+) -> None:
+    """A job whose stream is gone before the recorder reads it is logged and counted."""
+    handle = relay.submit("hi", model=llm.script(["gone"]))
+    workers.run_burst()
+    redis_client.delete(handle.stream_key)  # as if its TTL ran out
+    log = record_once(env, tmp_path / "t")
+    missing = [json.loads(line) for line in log.splitlines() if "stream_missing" in line]
+    assert [m["job_id"] for m in missing] == [handle.job_id]
+    assert redis_client.hget(consumer_stats(RECORDER_GROUP), "streams_missing") == b"1"
+    assert list((tmp_path / "t").iterdir()) == []
+
+
+def test_lifecycle_events_trimmed_before_reading_are_reported(
+    relay: Relay, redis_client: Redis, tmp_path: Path
+) -> None:
+    """Events dropped by the lifecycle stream's MAXLEN before a recorder read them are counted."""
+    consumer = GroupConsumer(redis_client, RECORDER_GROUP, "r")
+    consumer.ensure_group()
+    relay.submit_many(["a", "b", "c"])
+    redis_client.xtrim("tokenrelay:events", maxlen=1, approximate=False)
+    version = int(redis_client.info("server")["redis_version"].split(".")[0])
+    lost = consumer.check_trimmed()
+    assert lost == (2 if version >= 7 else 0)  # Redis 6 does not say what it trimmed
+    if lost:
+        assert redis_client.hget(consumer_stats(RECORDER_GROUP), "events_trimmed") == b"2"
+        assert consumer.check_trimmed() == 0  # reported once
+    assert consumer.run_until_idle(Recorder(redis_client, tmp_path)) == 1
+
+
+def test_a_recorder_stops_cleanly_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
+    """SIGTERM ends an idle recorder promptly with exit code 0."""
+    recorder = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "record", "--dir", str(tmp_path)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert recorder.stderr is not None
+    while "consumer.started" not in recorder.stderr.readline():
+        pass
+    recorder.send_signal(signal.SIGTERM)
+    _, rest = recorder.communicate(timeout=10)
+    assert recorder.returncode == 0
+    assert "consumer.stopped" in rest
