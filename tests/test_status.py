@@ -1,0 +1,69 @@
+"""`tokenrelay status`: the operator's view of a known state."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ScriptedLLM, Workers
+from redis import Redis
+
+from tokenrelay import Relay, TokenEntry
+from tokenrelay.consumers.group import GroupConsumer
+from tokenrelay.consumers.status import collect_status, render
+
+
+def status_json(env: dict[str, str]) -> dict[str, object]:
+    """The output of `tokenrelay status --json`."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    loaded: dict[str, object] = json.loads(done.stdout)
+    return loaded
+
+
+def test_status_json_reports_queues_workers_jobs_failures_and_lag(
+    env: dict[str, str], relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """A failed job, a job streaming on a worker, two queued, and a consumer behind by six."""
+    failed = relay.submit("fails", model=llm.script(status=500))
+    workers.run_burst()
+    GroupConsumer(redis_client, "recorder", "r").ensure_group()
+    running = relay.submit("runs", model=llm.script(["a", "b", "c", "d"], stall_after=3))
+    worker = workers.start("--name", "w-1")
+    for record in running.records(timeout=30):
+        if isinstance(record.entry, TokenEntry) and record.entry.seq == 2:
+            break
+    queued = relay.submit_many(["q1", "q2"])
+    status = status_json(env)
+    assert status["queues"] == {"tokenrelay": 2}
+    [live] = [w for w in status["workers"] if w["name"] == "w-1"]  # type: ignore[attr-defined]
+    assert live["state"] == "busy"
+    assert live["current_job"] == running.job_id
+    [flight] = status["in_flight"]  # type: ignore[misc]
+    assert flight["job_id"] == running.job_id
+    assert flight["tokens"] == 3
+    assert flight["worker"] == "w-1"
+    assert flight["age_s"] >= 0
+    [failure] = status["recent_failures"]  # type: ignore[misc]
+    assert (failure["job_id"], failure["error_type"]) == (failed.job_id, "OpenAIAPIError")
+    [consumer] = status["consumers"]  # type: ignore[misc]
+    # failed: submitted, started, failed; running: submitted, started; queued: two submitted
+    assert (consumer["group"], consumer["lag"], consumer["pending"]) == ("recorder", 7, 0)
+    assert worker.process.poll() is None
+    assert len(queued) == 2
+
+
+def test_the_status_screen_names_every_section(relay: Relay, redis_client: Redis) -> None:
+    """The text view shows queues, workers, jobs in flight, failures and consumers."""
+    relay.submit("q")
+    screen = render(collect_status(redis_client, ["tokenrelay"]))
+    for heading in ("queues", "workers (", "in flight (0)", "recent failures (0)", "consumers"):
+        assert heading in screen
+    assert "tokenrelay  1" in screen
