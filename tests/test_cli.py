@@ -248,7 +248,9 @@ def test_cancel_ends_a_job(env: dict[str, str], relay: Relay) -> None:
     assert handle.status() is JobState.CANCELLED
 
 
-@pytest.mark.parametrize("command", ["submit", "watch", "cancel", "worker", "demo"])
+@pytest.mark.parametrize(
+    "command", ["submit", "watch", "cancel", "worker", "demo", "record", "metrics", "status"]
+)
 def test_every_command_has_help(command: str) -> None:
     """Each subcommand explains itself with --help."""
     with pytest.raises(SystemExit) as exit_:
@@ -262,3 +264,33 @@ def test_python_dash_m_runs_the_cli(env: dict[str, str]) -> None:
     assert done.returncode == 0
     for command in ("submit", "watch", "cancel", "worker", "demo"):
         assert command in done.stdout
+
+
+def test_the_metrics_command_serves_prometheus_text_and_stops_on_sigterm(
+    env: dict[str, str], relay: Relay, llm: ScriptedLLM, workers: Workers
+) -> None:
+    """`tokenrelay metrics` answers scrapes over HTTP and exits 0 on SIGTERM."""
+    import time
+    import urllib.request
+
+    handle = relay.submit("hi", model=llm.script(["a", "b"]))
+    workers.run_burst()
+    port = free_port()
+    command = [sys.executable, "-m", "tokenrelay", "metrics", "--port", str(port),
+               "--interval", "0"]  # fmt: skip
+    metrics = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + 30
+    while True:  # until the aggregator has counted the finished job
+        try:
+            body = urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            body = ""
+        if 'tokenrelay_jobs_finished_total{model="' in body or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    metrics.send_signal(signal.SIGTERM)
+    assert metrics.wait(timeout=30) == 0
+    assert handle.result(timeout=5).end.tokens == 2
+    assert "tokenrelay_jobs_finished_total" in body
+    assert "tokenrelay_consumer_lag_events" in body

@@ -62,6 +62,17 @@ def test_services_are_configured_by_the_documented_variables() -> None:
         assert set(service["environment"]) <= known
 
 
+def test_the_consumers_run_as_services_with_the_metrics_port_published() -> None:
+    """The recorder keeps its transcripts on a volume; the metrics endpoint is reachable."""
+    services = tokenrelay_services()
+    assert services["recorder"]["command"][0] == "record"
+    assert any(v.endswith(":/transcripts") for v in services["recorder"]["volumes"])
+    metrics = services["metrics"]
+    port = metrics["command"][metrics["command"].index("--port") + 1]
+    assert metrics["ports"] == [f"{port}:{port}"]
+    assert metrics["command"][metrics["command"].index("--host") + 1] == "0.0.0.0"
+
+
 def test_the_image_entrypoint_is_the_cli() -> None:
     """The Dockerfile installs the package and runs `tokenrelay`."""
     dockerfile = (ROOT / "Dockerfile").read_text()

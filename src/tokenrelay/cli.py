@@ -132,6 +132,22 @@ def cmd_record(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.consumers.exporter import serve_metrics
+
+    serve_metrics(
+        connect(settings.effective_redis_url),
+        host=args.host,
+        port=args.port,
+        consumer=args.name,
+        interval=args.interval,
+        stop=_stop_on_signals(),
+        out=sys.stdout,
+        claim_after=args.claim_after,
+    )
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.consumers.status import collect_status, render
 
@@ -233,6 +249,26 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--once", action="store_true", help="record what has ended so far, then exit")
     p.set_defaults(run=cmd_record)
+
+    p = sub.add_parser("metrics", help="aggregate job metrics and serve them to Prometheus")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve /metrics on")
+    p.add_argument("--port", type=int, default=9464, help="port to serve /metrics on (9464)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="print a summary this often; 0 turns it off (default 30)",
+    )
+    p.add_argument("--name", help="this aggregator's name in its group (stable: resume)")
+    p.add_argument(
+        "--claim-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="take over events another aggregator left unfinished this long",
+    )
+    p.set_defaults(run=cmd_metrics)
 
     p = sub.add_parser("status", help="queues, workers, jobs in flight, failures, consumer lag")
     p.add_argument("--queue", action="append", help="queue to show (repeatable)")

@@ -28,6 +28,14 @@ def _translated(stream: Iterator[Record], url: str) -> Iterator[Record]:
         yield from stream
 
 
+def _requested_model(job: Job) -> str | None:
+    """The model a job's request named, if it can be read."""
+    try:
+        return str(job.args[0]["model"]) if job.args[0].get("model") else None
+    except Exception:  # a payload that is not ours has no model to report
+        return None
+
+
 class JobState(StrEnum):
     """Where a job is in its life."""
 
@@ -128,11 +136,20 @@ class JobHandle:
     def cancel(self) -> bool:
         """End the job with a `cancelled` error entry and stop it; False if it had already ended."""
         with redis_errors(self._settings.effective_redis_url):
-            entry = ErrorEntry(CANCELLED, "cancelled on request", retryable=False)
-            won = close_stream(self._client, self.job_id, entry, ttl=self._settings.stream_ttl)
             try:
                 job = Job.fetch(self.job_id, connection=self._client, serializer=JSONSerializer)
             except NoSuchJobError:
+                job = None
+            entry = ErrorEntry(CANCELLED, "cancelled on request", retryable=False)
+            won = close_stream(
+                self._client,
+                self.job_id,
+                entry,
+                ttl=self._settings.stream_ttl,
+                queue=job.origin if job else None,
+                model=_requested_model(job) if job else None,
+            )
+            if job is None:
                 return won
             status = job.get_status()
             if status == RQStatus.STARTED:
