@@ -15,7 +15,7 @@ from support.scripted_openai import ScriptedOpenAI
 
 from tokenrelay import JobState, Relay, TokenEntry
 from tokenrelay.cli import parser
-from tokenrelay.redis_server import free_port
+from tokenrelay.processes import free_port
 
 
 def cli(
@@ -249,12 +249,13 @@ def test_cancel_ends_a_job(env: dict[str, str], relay: Relay) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["submit", "watch", "cancel", "worker", "demo", "record", "metrics", "status"]
+    "command",
+    ["submit", "watch", "cancel", "worker", "demo", "record", "metrics", "status", "llm serve"],
 )
 def test_every_command_has_help(command: str) -> None:
     """Each subcommand explains itself with --help."""
     with pytest.raises(SystemExit) as exit_:
-        parser().parse_args([command, "--help"])
+        parser().parse_args([*command.split(), "--help"])
     assert exit_.value.code == 0
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ScriptedLLM
 
 from tokenrelay import Settings
 from tokenrelay.demo import run_demo
-from tokenrelay.redis_server import free_port
+from tokenrelay.processes import free_port
 
 
 def listening(port: int) -> bool:
@@ -64,11 +66,22 @@ def test_the_demo_starts_a_private_redis_when_none_is_configured_or_running(
     assert not listening(port)
 
 
-def test_the_demo_explains_what_to_set_when_no_model_is_configured(
-    redis_url: str, capsys: pytest.CaptureFixture[str]
+def test_with_no_model_configured_the_demo_runs_the_local_model_and_stops_it(
+    env: dict[str, str],
 ) -> None:
-    """Without an API key or base URL the demo says how to configure a model."""
-    from tokenrelay.errors import ConfigurationError
-
-    with pytest.raises(ConfigurationError, match=r"set OPENAI_API_KEY .* or OPENAI_BASE_URL"):
-        run_demo(Settings(redis_url=redis_url), prompt="hi", max_tokens=5)
+    """No API key and no base URL: the demo serves the bundled model, streams it, stops it."""
+    offline = {k: v for k, v in env.items() if not k.startswith("OPENAI_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "demo", "What is the capital of France?",
+         "--max-tokens", "16"],
+        env=offline, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "starting the local gemma-3-270m" in done.stderr
+    answer = done.stdout.split("> What is the capital of France?", 1)[1].strip()
+    assert answer
+    assert "###" not in answer
+    assert "<start_of" not in answer
+    assert "finished (" in done.stderr
+    started = next(json.loads(line) for line in done.stderr.splitlines() if '"llm.started"' in line)
+    assert not Path(f"/proc/{started['pid']}").exists()  # the model server was stopped

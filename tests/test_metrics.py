@@ -38,8 +38,8 @@ from tokenrelay.keys import (
     consumer_stats,
     token_stream,
 )
+from tokenrelay.processes import free_port
 from tokenrelay.protocol import parse_event
-from tokenrelay.redis_server import free_port
 from tokenrelay.writer import StreamWriter, close_stream, emit
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

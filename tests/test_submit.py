@@ -10,8 +10,8 @@ import pytest
 from redis import Redis
 
 from tokenrelay import InvalidRequestError, JobState, RedisUnavailableError, Relay, Settings
+from tokenrelay.processes import free_port
 from tokenrelay.protocol import Event, parse_event
-from tokenrelay.redis_server import free_port
 
 BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"prompt": ""}, "the prompt is empty"),

