@@ -22,13 +22,23 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_the_demo_command_streams_a_generation_and_stops_its_worker(
-    env: dict[str, str], llm: ScriptedLLM
+def test_the_demo_command_streams_a_generation_with_its_consumers(
+    env: dict[str, str], llm: ScriptedLLM, tmp_path: Path
 ) -> None:
-    """`tokenrelay demo` on a configured Redis and model prints the text and a summary."""
+    """`tokenrelay demo` prints the text, the recorder's transcript, a metric and a summary."""
     model = llm.script(["Streams ", "are ", "durable ", "logs."])
     done = subprocess.run(
-        [sys.executable, "-m", "tokenrelay", "demo", "What is a stream?", "--max-tokens", "10"],
+        [
+            sys.executable,
+            "-m",
+            "tokenrelay",
+            "demo",
+            "What is a stream?",
+            "--max-tokens",
+            "10",
+            "--transcripts",
+            str(tmp_path),
+        ],
         env={**env, "TOKENRELAY_MODEL": model},
         capture_output=True,
         text=True,
@@ -39,10 +49,13 @@ def test_the_demo_command_streams_a_generation_and_stops_its_worker(
     assert "Streams are durable logs." in done.stdout
     assert "finished (stop): 4 tokens" in done.stderr
     assert "tokenrelay --redis-url" in done.stderr  # how to follow it from a second terminal
+    [transcript] = tmp_path.glob("*.txt")
+    assert transcript.read_text() == "Streams are durable logs."
+    assert f'tokenrelay_jobs_finished_total{{model="{model}"}} 1.0' in done.stderr
 
 
 def test_the_demo_starts_a_private_redis_when_none_is_configured_or_running(
-    settings: Settings, llm: ScriptedLLM, capsys: pytest.CaptureFixture[str]
+    settings: Settings, llm: ScriptedLLM, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """With no Redis URL and nothing on the default address, it runs its own and stops it."""
     nobody_home = free_port()
@@ -56,6 +69,7 @@ def test_the_demo_starts_a_private_redis_when_none_is_configured_or_running(
         demo_settings,
         prompt="hi",
         max_tokens=5,
+        transcripts=tmp_path,
         default_redis_url=f"redis://127.0.0.1:{nobody_home}/0",
     )
     out = capsys.readouterr()
@@ -67,13 +81,13 @@ def test_the_demo_starts_a_private_redis_when_none_is_configured_or_running(
 
 
 def test_with_no_model_configured_the_demo_runs_the_local_model_and_stops_it(
-    env: dict[str, str],
+    env: dict[str, str], tmp_path: Path
 ) -> None:
     """No API key and no base URL: the demo serves the bundled model, streams it, stops it."""
     offline = {k: v for k, v in env.items() if not k.startswith("OPENAI_")}
     done = subprocess.run(
         [sys.executable, "-m", "tokenrelay", "demo", "What is the capital of France?",
-         "--max-tokens", "16"],
+         "--max-tokens", "16", "--transcripts", str(tmp_path)],
         env=offline, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -175,7 +175,9 @@ def cmd_llm_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.demo import run_demo
 
-    return run_demo(settings, prompt=args.prompt, max_tokens=args.max_tokens)
+    return run_demo(
+        settings, prompt=args.prompt, max_tokens=args.max_tokens, transcripts=args.transcripts
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -309,6 +311,12 @@ def parser() -> argparse.ArgumentParser:
         "prompt", nargs="?", default="Explain what a Redis stream is, in three sentences."
     )
     p.add_argument("--max-tokens", type=int, default=200, help="most tokens to generate")
+    p.add_argument(
+        "--transcripts",
+        type=Path,
+        default=Path("transcripts"),
+        help="where the demo's recorder writes (default ./transcripts)",
+    )
     p.set_defaults(run=cmd_demo)
     return top
 

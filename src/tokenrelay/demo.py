@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
 from typing import IO
 
 import redis
@@ -16,11 +19,14 @@ from tokenrelay.connection import connect
 from tokenrelay.consumers.viewer import view
 from tokenrelay.errors import ConfigurationError, RedisUnavailableError
 from tokenrelay.local_model import MODEL_NAME, LocalModelServer
-from tokenrelay.processes import stop_process
+from tokenrelay.processes import free_port, stop_process
 from tokenrelay.producer import Relay
 from tokenrelay.protocol import EndEntry
 from tokenrelay.redis_server import RedisServer
 from tokenrelay.settings import DEFAULT_REDIS_URL, Settings
+
+_CONSUMER_WAIT = 10.0
+_FINISHED = "tokenrelay_jobs_finished_total"
 
 
 def _say(text: str) -> None:
@@ -69,19 +75,37 @@ def _llm_environment(settings: Settings, stack: ExitStack) -> dict[str, str]:
 
 
 @contextmanager
-def _worker(env: dict[str, str], log_file: IO[str]) -> Iterator[subprocess.Popen[bytes]]:
-    """A `tokenrelay worker` child process, stopped gracefully on exit."""
+def _child(
+    what: str, args: list[str], env: dict[str, str], log_file: IO[str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A `tokenrelay ARGS` child process logging to `log_file`, stopped gracefully on exit."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "tokenrelay", "--log-format", "json", "worker"],
+        [sys.executable, "-m", "tokenrelay", "--log-format", "json", *args],
         env=env,
         stdout=log_file,
         stderr=log_file,
     )
-    _say(f"worker: started (pid {process.pid}), its log is {log_file.name}")
+    _say(f"{what}: started (pid {process.pid})")
     try:
         yield process
     finally:
         stop_process(process, grace=30)
+
+
+def _consumers_report(job_id: str, transcripts: Path, metrics_url: str) -> None:
+    """Wait briefly for the recorder and the aggregator to see the job; say what they saw."""
+    deadline = time.monotonic() + _CONSUMER_WAIT
+    meta = transcripts / f"{job_id}.json"
+    finished = ""
+    while time.monotonic() < deadline and not (meta.exists() and finished):
+        with suppress(OSError):
+            body = urllib.request.urlopen(metrics_url, timeout=2).read().decode()  # noqa: S310
+            finished = next((line for line in body.splitlines() if line.startswith(_FINISHED)), "")
+        time.sleep(0.2)
+    if meta.exists():
+        _say(f"recorder: wrote {meta} and {meta.with_suffix('.txt')}")
+    if finished:
+        _say(f"metrics: {metrics_url} says {finished}")
 
 
 def _summary(end: EndEntry) -> str:
@@ -92,18 +116,27 @@ def _summary(end: EndEntry) -> str:
 
 
 def run_demo(
-    settings: Settings, *, prompt: str, max_tokens: int, default_redis_url: str = DEFAULT_REDIS_URL
+    settings: Settings,
+    *,
+    prompt: str,
+    max_tokens: int,
+    transcripts: Path = Path("transcripts"),
+    default_redis_url: str = DEFAULT_REDIS_URL,
 ) -> int:
     """Run the demo end to end; stops everything it started. The exit code."""
     with ExitStack() as stack:
         url = _redis_url(settings, stack, default_redis_url)
         env = {**os.environ, **_llm_environment(settings, stack), "TOKENRELAY_REDIS_URL": url}
         log_file = stack.enter_context(
-            tempfile.NamedTemporaryFile(
-                "w", prefix="tokenrelay-worker-", suffix=".log", delete=False
-            )
+            tempfile.NamedTemporaryFile("w", prefix="tokenrelay-demo-", suffix=".log", delete=False)
         )
-        stack.enter_context(_worker(env, log_file))
+        _say(f"logs of the worker and the consumers: {log_file.name}")
+        port = free_port()
+        stack.enter_context(_child("worker", ["worker"], env, log_file))
+        recorder = ["record", "--dir", str(transcripts)]
+        stack.enter_context(_child("recorder", recorder, env, log_file))
+        metrics = ["metrics", "--port", str(port), "--interval", "0"]
+        stack.enter_context(_child("metrics", metrics, env, log_file))
         relay = stack.enter_context(Relay(connect(url), settings.with_overrides(redis_url=url)))
         handle = relay.submit(prompt, max_tokens=max_tokens)
         _say(f"job {handle.job_id} submitted; follow it from another terminal with:")
@@ -115,6 +148,7 @@ def run_demo(
             handle.cancel()
             raise
         print(flush=True)
+        _consumers_report(handle.job_id, transcripts, f"http://127.0.0.1:{port}/metrics")
         if isinstance(entry, EndEntry):
             _say(_summary(entry))
             return 0
