@@ -24,6 +24,11 @@ from tokenrelay.worker.generation import generate, worker_settings
 
 log = structlog.get_logger()
 
+#: Seconds between a worker's registry clean-ups, which end a dead worker's jobs with an
+#: `AbandonedJobError` entry once their heartbeat (about 90 s) has lapsed. RQ's default, ten
+#: minutes, would keep the readers of such a job waiting that much longer.
+MAINTENANCE_INTERVAL = 60
+
 
 class RelayJob(Job):
     """A job that runs tokenrelay's generation or nothing: the payload names no other code.
@@ -82,6 +87,7 @@ class RelayWorker(Worker):
             job_class=RelayJob,
             log_job_description=False,
             work_horse_killed_handler=self._horse_killed,
+            maintenance_interval=MAINTENANCE_INTERVAL,
         )
         self.relay_settings = settings
 
