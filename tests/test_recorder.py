@@ -13,10 +13,10 @@ from conftest import ScriptedLLM, Workers
 from redis import Redis
 
 from tokenrelay import JobHandle, Relay, TokenEntry
-from tokenrelay.consumers.group import Delivery, GroupConsumer
-from tokenrelay.consumers.recorder import Recorder
+from tokenrelay.consumers.group import Delivery, GroupConsumer, group_lags
+from tokenrelay.consumers.recorder import Recorder, write_once
 from tokenrelay.keys import RECORDER_GROUP, consumer_stats
-from tokenrelay.protocol import Event, parse_event
+from tokenrelay.protocol import Event, LifecycleEvent, parse_event
 
 
 def record_once(env: dict[str, str], directory: Path, name: str = "catch-up") -> str:
@@ -228,11 +228,30 @@ def test_lifecycle_events_trimmed_before_reading_are_reported(
     redis_client.xtrim("tokenrelay:events", maxlen=1, approximate=False)
     version = int(redis_client.info("server")["redis_version"].split(".")[0])
     lost = consumer.check_trimmed()
-    assert lost == (2 if version >= 7 else 0)  # Redis 6 does not say what it trimmed
+    assert lost == (2 if version >= 7 else 0)  # Redis 6 does not count what it trimmed
     if lost:
         assert redis_client.hget(consumer_stats(RECORDER_GROUP), "events_trimmed") == b"2"
         assert consumer.check_trimmed() == 0  # reported once
     assert consumer.run_until_idle(Recorder(redis_client, tmp_path)) == 1
+
+
+def test_events_trimmed_after_a_group_has_read_some_are_reported_once(
+    relay: Relay, redis_client: Redis, tmp_path: Path
+) -> None:
+    """A group that fell behind and lost events to trimming counts exactly those, once."""
+    consumer = GroupConsumer(redis_client, RECORDER_GROUP, "r")
+    recorder = Recorder(redis_client, tmp_path)
+    relay.submit_many(["a", "b"])
+    assert consumer.run_until_idle(recorder) == 2
+    relay.submit_many(["c", "d", "e", "f", "g"])
+    redis_client.xtrim("tokenrelay:events", maxlen=2, approximate=False)  # c, d, e: unread
+    version = int(redis_client.info("server")["redis_version"].split(".")[0])
+    assert consumer.run_until_idle(recorder) == 2
+    trimmed = redis_client.hget(consumer_stats(RECORDER_GROUP), "events_trimmed")
+    assert trimmed == (b"3" if version >= 7 else None)
+    assert consumer.check_trimmed() == 0
+    [lag] = [g for g in group_lags(redis_client) if g.group == RECORDER_GROUP]
+    assert lag.lag in (0, None)
 
 
 def test_a_recorder_stops_cleanly_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
@@ -250,3 +269,57 @@ def test_a_recorder_stops_cleanly_on_sigterm(env: dict[str, str], tmp_path: Path
     _, rest = recorder.communicate(timeout=10)
     assert recorder.returncode == 0
     assert "consumer.stopped" in rest
+
+
+def deliver(redis_client: Redis, recorder: Recorder, event: Event, job_id: str) -> None:
+    """Hand the recorder one end-of-job event, as its consumer group would, and commit."""
+    delivery = Delivery("1-0", LifecycleEvent(event, job_id, 1.0))
+    with redis_client.pipeline() as pipe:
+        recorder(delivery, pipe)
+        pipe.execute()
+
+
+def test_a_job_id_that_is_not_a_file_name_is_refused(redis_client: Redis, tmp_path: Path) -> None:
+    """An event naming `../x` (anyone who can write to Redis could add one) writes nothing."""
+    recorder = Recorder(redis_client, tmp_path / "t")
+    deliver(redis_client, recorder, Event.FAILED, "../escaped")
+    assert list(tmp_path.rglob("*escaped*")) == []
+    assert redis_client.hget(consumer_stats(RECORDER_GROUP), "events_malformed") == b"1"
+
+
+def test_a_malformed_stream_is_counted_and_does_not_stop_the_recorder(
+    redis_client: Redis, tmp_path: Path
+) -> None:
+    """A stream entry that breaks the protocol is reported, and the event is acknowledged."""
+    redis_client.xadd("tokenrelay:{bad}:tokens", {"kind": "telemetry"})
+    recorder = Recorder(redis_client, tmp_path / "t")
+    deliver(redis_client, recorder, Event.FINISHED, "bad")
+    assert redis_client.hget(consumer_stats(RECORDER_GROUP), "streams_malformed") == b"1"
+    assert list((tmp_path / "t").iterdir()) == []
+
+
+def test_a_job_id_used_again_after_expiry_gets_its_own_transcript(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis, tmp_path: Path
+) -> None:
+    """When a caller reuses an expired job's id, the new job is recorded beside the old one."""
+    recorder = Recorder(redis_client, tmp_path / "t")
+    consumer = GroupConsumer(redis_client, RECORDER_GROUP, "r")
+    first = relay.submit("one", model=llm.script(["first"]), job_id="reused")
+    workers.run_burst()
+    consumer.run_until_idle(recorder)
+    redis_client.delete(first.stream_key, "rq:job:reused")  # both expired
+    second = relay.submit("two", model=llm.script(["second"]), job_id="reused")
+    workers.run_burst()
+    consumer.run_until_idle(recorder)
+    start_id = next(iter(second.records(timeout=5))).id
+    assert (tmp_path / "t" / "reused.txt").read_text() == "first"
+    assert (tmp_path / "t" / f"reused.{start_id}.txt").read_text() == "second"
+
+
+def test_write_once_never_replaces_a_file(tmp_path: Path) -> None:
+    """The first write creates the file; a second one with other content changes nothing."""
+    target = tmp_path / "a.txt"
+    assert write_once(target, b"first")
+    assert not write_once(target, b"second")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]

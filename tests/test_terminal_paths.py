@@ -14,13 +14,12 @@ import pytest
 from conftest import ScriptedLLM, WorkerProcess, Workers, rq_status, terminal_entries
 from redis import Redis
 from rq.command import send_stop_job_command
-from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from tokenrelay import EndEntry, ErrorEntry, Event, JobHandle, JobState, Relay, Settings, TokenEntry
 from tokenrelay.errors import StreamClosedError
 from tokenrelay.protocol import parse_event
-from tokenrelay.worker.runner import RelayJob
+from tokenrelay.worker.runner import RelayJob, RelayWorker
 from tokenrelay.writer import StreamWriter, close_stream
 
 WORDS = [f" w{i}" for i in range(20)]
@@ -137,7 +136,7 @@ def test_a_killed_work_horse_ends_its_job_with_one_error_and_the_worker_goes_on(
 
 
 def test_a_killed_worker_leaves_an_abandoned_job_that_the_cleanup_ends(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis, settings: Settings
 ) -> None:
     """SIGKILL of the whole worker: RQ's abandoned-job cleanup writes the one `error` entry."""
     handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
@@ -149,11 +148,12 @@ def test_a_killed_worker_leaves_an_abandoned_job_that_the_cleanup_ends(
     os.kill(horse, signal.SIGKILL)
     assert terminal_entries(redis_client, handle.job_id) == []
     assert handle.status() is JobState.STARTED
-    registry = StartedJobRegistry(
-        "tokenrelay", connection=redis_client, job_class=RelayJob, serializer=JSONSerializer
-    )
-    # The dead worker's heartbeat would lapse in a minute or more; look from an hour on.
-    registry.cleanup(timestamp=time.time() + 3600)
+    # The dead worker's heartbeat lapses after a minute and a half; make that time pass.
+    wip = "rq:wip:tokenrelay"
+    redis_client.zadd(wip, dict.fromkeys(redis_client.zrange(wip, 0, -1), time.time() - 1))
+    live = RelayWorker(["tokenrelay"], connection=redis_client, settings=settings)
+    assert all(queue.job_class is RelayJob for queue in live.queues)  # the clean-up's job class
+    live.clean_registries()  # a live worker's periodic maintenance
     error = the_error(redis_client, handle)
     assert error.error_type == "AbandonedJobError"
     assert error.retryable
@@ -275,3 +275,19 @@ def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 30) -> None:
     while not any(text in line["event"] for line in worker.logs()):
         assert time.monotonic() < deadline, f"no log line with {text!r}"
         time.sleep(0.05)
+
+
+def test_a_retried_start_or_end_write_is_not_doubled(redis_client: Redis) -> None:
+    """redis-py retries a command whose reply was lost; the same entry is not written twice."""
+    from tokenrelay import StartEntry
+
+    writer = StreamWriter(redis_client, "again", ttl=60)
+    start = StartEntry("again", "m", 1, 1.0, 2.0, "w", 10, 3)
+    writer.start(start)
+    writer.start(start)  # the retry
+    end = EndEntry("stop", 0, duration_ms=5.0)
+    assert close_stream(redis_client, "again", end, ttl=60)
+    assert close_stream(redis_client, "again", end, ttl=60)  # the retry succeeds, once
+    assert redis_client.xlen("tokenrelay:{again}:tokens") == 2
+    events = [parse_event(f).event for _, f in redis_client.xrange("tokenrelay:events")]
+    assert events == [Event.STARTED, Event.FINISHED]

@@ -6,6 +6,8 @@ they live in one Redis Cluster slot.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 PREFIX = "tokenrelay"
 
 #: The global lifecycle stream: one entry per job state change.
@@ -33,8 +35,19 @@ METRICS_GROUP = "metrics"
 
 
 def consumer_stats(group: str) -> str:
-    """The hash of a consumer group's own counters (what it processed, what it found missing)."""
+    """The hash of a consumer group's own counters (the fields of `Stat`)."""
     return f"{PREFIX}:consumer:{group}"
+
+
+class Stat(StrEnum):
+    """The counters of a consumer group's stats hash."""
+
+    EVENTS_HANDLED = "events_handled"  # lifecycle events acknowledged
+    EVENTS_MALFORMED = "events_malformed"  # lifecycle events that could not be parsed
+    EVENTS_TRIMMED = "events_trimmed"  # lifecycle events trimmed before the group read them
+    STREAMS_MISSING = "streams_missing"  # job streams expired or trimmed before they were read
+    STREAMS_MALFORMED = "streams_malformed"  # job streams that broke the protocol
+    TRANSCRIPTS = "transcripts"  # transcripts written (the recorder)
 
 
 #: The hash holding the metrics consumer's aggregates.

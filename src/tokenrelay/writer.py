@@ -34,16 +34,23 @@ log = structlog.get_logger()
 # ARGV: ttl (0 keeps the current one), the lifecycle stream's MAXLEN, the number of entry
 # arguments N, then the entry's N field/value arguments (`kind` first; a token's `seq`
 # second), then the lifecycle event's field/value arguments, if KEYS[2] is given.
+# A client retry after a lost reply (redis-py retries on connection errors) must not write
+# twice: a start, token or end entry identical to the last one (they carry a time or a `seq`,
+# so only a retry repeats one), or a token at or below the last `seq`, returns the existing
+# entry's id instead. Error entries can repeat by chance (two cancels), so they never match.
 _APPEND = """
+local n = tonumber(ARGV[3])
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if last then
   local f = last[2]
+  local same = #f == n
+  for i = 1, n do same = same and f[i] == ARGV[3 + i] end
+  if same and f[2] ~= 'error' then return last[1] end
   if f[2] == 'end' or f[2] == 'error' then return false end
   if ARGV[5] == 'token' and f[2] == 'token' and tonumber(f[4]) >= tonumber(ARGV[7]) then
     return last[1]
   end
 end
-local n = tonumber(ARGV[3])
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4, 3 + n))
 if ARGV[1] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 if KEYS[2] then

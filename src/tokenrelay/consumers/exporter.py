@@ -111,7 +111,7 @@ def read_aggregates(client: Redis) -> Aggregates:
 def _consumer_stats(client: Redis, group: str) -> dict[str, int]:
     raw: dict[Any, Any] = client.hgetall(keys.consumer_stats(group))
     stats = {_text(k): int(v) for k, v in raw.items()}
-    return {name: stats.get(name, 0) for name in CONSUMER_COUNTERS}
+    return {name.value: stats.get(name.value, 0) for name in CONSUMER_COUNTERS}
 
 
 class RedisCollector(Collector):
@@ -145,8 +145,8 @@ class RedisCollector(Collector):
             "Events delivered to the group, not yet acknowledged.",
             labels=["group"],
         )
-        stats = {
-            name: CounterMetricFamily(
+        stats: dict[str, CounterMetricFamily] = {
+            name.value: CounterMetricFamily(
                 f"tokenrelay_consumer_{name}_total",
                 f"The group's {name} counter.",
                 labels=["group"],

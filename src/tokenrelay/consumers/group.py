@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +25,48 @@ from redis.exceptions import ResponseError
 
 from tokenrelay import keys
 from tokenrelay.errors import ProtocolError
+from tokenrelay.keys import Stat
 from tokenrelay.protocol import LifecycleEvent, parse_event
 
 log = structlog.get_logger()
 
 _BATCH = 100
-_TRIM_CHECK_INTERVAL = 10.0
+
+# KEYS: the lifecycle stream, the group's stats hash. ARGV: the group, the counter to add to.
+# If the group's last delivered id is older than the stream's first entry, the entries
+# trimmed beyond what the group has read were never delivered to it: count them, and count
+# them as read (ENTRIESREAD), so that they are reported once and the group's lag stays right.
+# Atomic, so two members checking at once cannot both report the same loss.
+_TRIMMED = """
+local function field(t, name)
+  for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
+end
+local function older(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local added, first = field(info, 'entries-added'), field(info, 'first-entry')
+if not added or not first then return 0 end
+local group
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  if field(g, 'name') == ARGV[1] then group = g end
+end
+if not group then return 0 end
+local last, read = field(group, 'last-delivered-id'), field(group, 'entries-read')
+if not older(last, first[1]) then return 0 end
+if not read then
+  if last ~= '0-0' then return 0 end
+  read = 0
+end
+local lost = added - field(info, 'length') - read
+if lost <= 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[2], lost)
+redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', read + lost)
+return lost
+"""
 
 
 @dataclass(frozen=True)
@@ -115,11 +150,7 @@ class GroupConsumer:
         """Handle events until `stop` is set: first this member's pending ones, then new ones."""
         self.ensure_group()
         log.info("consumer.started", group=self.group, consumer=self.consumer)
-        checked = 0.0
         while not stop.is_set():
-            if time.monotonic() - checked > _TRIM_CHECK_INTERVAL:
-                self.check_trimmed()
-                checked = time.monotonic()
             batch = self._pending() or self._claimed() or self._new()
             for delivery_id, fields in batch:
                 self._handle(handler, delivery_id, fields)
@@ -128,7 +159,6 @@ class GroupConsumer:
     def run_until_idle(self, handler: Handler) -> int:
         """Handle every event available now, then return how many were handled."""
         self.ensure_group()
-        self.check_trimmed()
         handled = 0
         while batch := self._pending() or self._claimed() or self._new(block=False):
             for delivery_id, fields in batch:
@@ -139,28 +169,16 @@ class GroupConsumer:
     def check_trimmed(self) -> int:
         """Report events trimmed from the lifecycle stream before this group read them.
 
-        Redis 7 counts what was ever added, what the group read and what it has left
-        to read; the difference was trimmed unread. Returns how many (0 before Redis 7).
+        Returns how many (always 0 before Redis 7, which does not count what it trims).
+        Run before each read: once a read has jumped the gap, it can no longer be seen.
         """
-        info: Any = self.client.xinfo_stream(keys.EVENTS_STREAM)
-        added = info.get("entries-added")
-        mine = next((g for g in group_lags(self.client) if g.group == self.group), None)
-        if added is None or mine is None or mine.lag is None:
-            return 0
-        lost = int(added) - (mine.entries_read or 0) - mine.lag
-        if lost <= 0:
-            return 0
-        log.warning("consumer.events_trimmed_unread", group=self.group, events=lost)
-        with self.client.pipeline() as pipe:
-            pipe.hincrby(self.stats_key, "events_trimmed", lost)
-            # Count them as read, so that the same loss is reported once.
-            pipe.xgroup_setid(
-                keys.EVENTS_STREAM,
-                self.group,
-                mine.last_delivered,
-                entries_read=(mine.entries_read or 0) + lost,
+        lost = int(
+            self.client.eval(
+                _TRIMMED, 2, keys.EVENTS_STREAM, self.stats_key, self.group, Stat.EVENTS_TRIMMED
             )
-            pipe.execute()
+        )
+        if lost:
+            log.warning("consumer.events_trimmed_unread", group=self.group, events=lost)
         return lost
 
     def _pending(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -168,6 +186,7 @@ class GroupConsumer:
         return self._read("0", block=None)
 
     def _new(self, block: bool = True) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        self.check_trimmed()
         return self._read(">", block=self._block_ms if block else None)
 
     def _read(self, start: str, block: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -201,7 +220,7 @@ class GroupConsumer:
         """A pending event was trimmed from the lifecycle stream before it was handled."""
         log.warning("consumer.event_trimmed", group=self.group, event_id=entry_id.decode())
         with self.client.pipeline() as pipe:
-            pipe.hincrby(self.stats_key, "events_trimmed", 1)
+            pipe.hincrby(self.stats_key, Stat.EVENTS_TRIMMED, 1)
             pipe.xack(keys.EVENTS_STREAM, self.group, entry_id)
             pipe.execute()
 
@@ -214,9 +233,9 @@ class GroupConsumer:
                 log.warning(
                     "consumer.bad_event", group=self.group, event_id=delivery_id, error=str(exc)
                 )
-                pipe.hincrby(self.stats_key, "events_malformed", 1)
+                pipe.hincrby(self.stats_key, Stat.EVENTS_MALFORMED, 1)
             else:
                 handler(Delivery(delivery_id, event), pipe)
-            pipe.hincrby(self.stats_key, "events_handled", 1)
+            pipe.hincrby(self.stats_key, Stat.EVENTS_HANDLED, 1)
             pipe.xack(keys.EVENTS_STREAM, self.group, entry_id)
             pipe.execute()

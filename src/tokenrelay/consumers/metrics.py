@@ -33,6 +33,7 @@ from redis.client import Pipeline
 from tokenrelay import keys
 from tokenrelay.consumers.group import Delivery
 from tokenrelay.errors import ProtocolError
+from tokenrelay.keys import Stat
 from tokenrelay.protocol import (
     EndEntry,
     ErrorEntry,
@@ -87,10 +88,11 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
 
 #: The counters of `keys.consumer_stats(group)` exposed for every group.
 CONSUMER_COUNTERS = (
-    "events_handled",
-    "events_malformed",
-    "events_trimmed",
-    "streams_missing",
+    Stat.EVENTS_HANDLED,
+    Stat.EVENTS_MALFORMED,
+    Stat.EVENTS_TRIMMED,
+    Stat.STREAMS_MISSING,
+    Stat.STREAMS_MALFORMED,
 )
 
 # KEYS: the lifecycle stream, the aggregates hash, the consumer-stats hash.
@@ -228,7 +230,7 @@ class MetricsAggregator:
         else:
             inc.count(f"jobs_{event.event.value}", model)
         if stream is None:
-            inc.stats["streams_missing"] += 1
+            inc.stats[Stat.STREAMS_MISSING] += 1
         else:
             _observe_stream(inc, model, stream)
 

@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 
 from tokenrelay import keys
 from tokenrelay.consumers.group import group_lags
+from tokenrelay.keys import Stat
 from tokenrelay.protocol import Event, StartEntry, TokenEntry, parse_event, records
 
 _RECENT_EVENTS = 2000
@@ -185,7 +186,7 @@ def render(status: Status) -> str:
                 c.group,
                 "?" if c.lag is None else str(c.lag),
                 str(c.pending),
-                str(c.counters.get("streams_missing", 0)),
+                str(c.counters.get(Stat.STREAMS_MISSING, 0)),
             ]
             for c in status.consumers
         ],

@@ -61,9 +61,11 @@ def on_stopped(job: Job, connection: Redis) -> None:
     end_with_error(connection, job, entry)
 
 
-def on_work_horse_killed(job: Job, connection: Redis, status: int, reason: str = "") -> None:
+def on_work_horse_killed(job: Job, connection: Redis, status: int | None, reason: str = "") -> None:
     """The process running the job died without ending it (an OOM kill, a SIGKILL, a crash)."""
-    if os.WIFSIGNALED(status):
+    if status is None:  # RQ killed it itself: it outlived its job timeout by a minute
+        how = "was killed after outliving its job timeout"
+    elif os.WIFSIGNALED(status):
         how = f"was killed by signal {os.WTERMSIG(status)}"
     else:
         how = f"exited with status {os.waitstatus_to_exitcode(status)}"

@@ -80,7 +80,12 @@ class RelayWorker(Worker):
         name: str | None = None,
     ) -> None:
         super().__init__(
-            [Queue(q, connection=connection, serializer=JSONSerializer) for q in queues],
+            # The queues' job class is what RQ's registry clean-up fetches abandoned jobs
+            # with (and calls their failure callback through): it must be ours too.
+            [
+                Queue(q, connection=connection, serializer=JSONSerializer, job_class=RelayJob)
+                for q in queues
+            ],
             name=name,
             connection=connection,
             serializer=JSONSerializer,
@@ -105,7 +110,7 @@ class RelayWorker(Worker):
         finally:
             worker_settings.reset(token)
 
-    def _horse_killed(self, job: Job, retpid: int, status: int, rusage: Any) -> None:
+    def _horse_killed(self, job: Job, retpid: int, status: int | None, rusage: Any) -> None:
         hooks.on_work_horse_killed(job, self.connection, status)
 
     def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
@@ -116,7 +121,10 @@ class RelayWorker(Worker):
         except SystemExit:
             if job is not None:
                 entry = ErrorEntry(
-                    "WorkerShutdown", "the worker was shut down while running the job", True
+                    "WorkerShutdown",
+                    "the worker was shut down while running the job",
+                    True,
+                    (job.number_of_retries or 0) + 1,
                 )
                 hooks.end_with_error(self.connection, job, entry)
             raise
