@@ -291,3 +291,26 @@ def test_a_retried_start_or_end_write_is_not_doubled(redis_client: Redis) -> Non
     assert redis_client.xlen("tokenrelay:{again}:tokens") == 2
     events = [parse_event(f).event for _, f in redis_client.xrange("tokenrelay:events")]
     assert events == [Event.STARTED, Event.FINISHED]
+
+
+def test_an_api_key_quoted_back_by_the_server_is_redacted_everywhere(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """A server that repeats the key in its error: not in the entry, the logs, or RQ's record."""
+    from conftest import SECRET_KEY
+    from rq.job import Job
+
+    model = llm.script(status=401, error_message="Incorrect API key provided: {api_key}")
+    handle = relay.submit("hi", model=model)
+    worker = workers.run_burst()
+    error = the_error(redis_client, handle)
+    assert "Incorrect API key provided: **********" in error.message
+    assert SECRET_KEY not in error.message
+    assert SECRET_KEY not in worker.log_path.read_text()
+    failed = [line for line in worker.logs() if line["event"] == "job.failed"]
+    assert "Traceback" in failed[0]["exception"]  # operators still get the traceback
+    result = Job.fetch(handle.job_id, connection=redis_client, serializer=JSONSerializer)
+    stored = result.latest_result()
+    assert stored is not None
+    assert SECRET_KEY not in str(stored.exc_string)
+    assert "GenerationError" in str(stored.exc_string)

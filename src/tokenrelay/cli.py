@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenrelay import keys, logs
 from tokenrelay.batch import load_batch
 from tokenrelay.connection import connect
-from tokenrelay.consumers.viewer import view
+from tokenrelay.consumers.viewer import printable, view
 from tokenrelay.errors import InvalidRequestError, TokenRelayError
 from tokenrelay.handle import JobHandle
 from tokenrelay.producer import Relay
@@ -40,10 +40,8 @@ def _follow(
     entry = view(handle, sys.stdout, after=after, live=live, timeout=timeout)
     sys.stdout.write("\n")
     if isinstance(entry, ErrorEntry):
-        print(
-            f"tokenrelay: job {handle.job_id} failed: {entry.error_type}: {entry.message}",
-            file=sys.stderr,
-        )
+        reason = f"{entry.error_type}: {printable(entry.message)}"
+        print(f"tokenrelay: job {handle.job_id} failed: {reason}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -331,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_format=args.log_format,
             log_level=args.log_level,
         )
-        logs.configure(settings.log_format, settings.log_level)
+        logs.configure(
+            settings.log_format, settings.log_level, secrets=[settings.openai_api_key.reveal()]
+        )
         run: Command = args.run
         return run(args, settings)
     except InvalidRequestError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -11,22 +12,27 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 import redis
 
 from tokenrelay.connection import connect
-from tokenrelay.consumers.viewer import view
+from tokenrelay.consumers.viewer import printable, view
 from tokenrelay.errors import ConfigurationError, RedisUnavailableError
 from tokenrelay.local_model import MODEL_NAME, LocalModelServer
 from tokenrelay.processes import free_port, stop_process
 from tokenrelay.producer import Relay
 from tokenrelay.protocol import EndEntry
 from tokenrelay.redis_server import RedisServer
-from tokenrelay.settings import DEFAULT_REDIS_URL, Settings
+from tokenrelay.settings import DEFAULT_REDIS_URL, Settings, redact_url
 
 _CONSUMER_WAIT = 10.0
 _FINISHED = "tokenrelay_jobs_finished_total"
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def _say(text: str) -> None:
@@ -36,7 +42,7 @@ def _say(text: str) -> None:
 def _redis_url(settings: Settings, stack: ExitStack, default_url: str) -> str:
     """The configured Redis, else one on the default address, else a private one."""
     if settings.redis_url:
-        _say(f"redis: using {settings.redis_url} (TOKENRELAY_REDIS_URL)")
+        _say(f"redis: using {redact_url(settings.redis_url)} (TOKENRELAY_REDIS_URL)")
         return settings.redis_url
     try:
         connect(default_url).close()
@@ -99,6 +105,7 @@ def _consumers_report(job_id: str, transcripts: Path, metrics_url: str) -> None:
     finished = ""
     while time.monotonic() < deadline and not (meta.exists() and finished):
         with suppress(OSError):
+            # S310: the URL is our own metrics consumer's, on loopback.
             body = urllib.request.urlopen(metrics_url, timeout=2).read().decode()  # noqa: S310
             finished = next((line for line in body.splitlines() if line.startswith(_FINISHED)), "")
         time.sleep(0.2)
@@ -124,6 +131,9 @@ def run_demo(
     default_redis_url: str = DEFAULT_REDIS_URL,
 ) -> int:
     """Run the demo end to end; stops everything it started. The exit code."""
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so that everything started here is stopped.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     with ExitStack() as stack:
         url = _redis_url(settings, stack, default_redis_url)
         env = {**os.environ, **_llm_environment(settings, stack), "TOKENRELAY_REDIS_URL": url}
@@ -140,7 +150,7 @@ def run_demo(
         relay = stack.enter_context(Relay(connect(url), settings.with_overrides(redis_url=url)))
         handle = relay.submit(prompt, max_tokens=max_tokens)
         _say(f"job {handle.job_id} submitted; follow it from another terminal with:")
-        _say(f"    tokenrelay --redis-url {url} watch {handle.job_id}")
+        _say(f"    tokenrelay --redis-url {redact_url(url)} watch {handle.job_id}")
         print(f"\n> {prompt}\n", flush=True)
         try:
             entry = view(handle, sys.stdout, timeout=settings.job_timeout)
@@ -152,6 +162,6 @@ def run_demo(
         if isinstance(entry, EndEntry):
             _say(_summary(entry))
             return 0
-        _say(f"failed: {entry.error_type}: {entry.message}")
+        _say(f"failed: {entry.error_type}: {printable(entry.message)}")
         return 1
     raise AssertionError("unreachable")  # pragma: no cover

@@ -85,10 +85,13 @@ class JobHandle:
     ) -> Iterator[Record]:
         """Every entry of the job's stream after `after`, until its terminal entry.
 
-        A `live` reader starts at the newest entry when this is called.
+        A `live` reader starts at the newest entry when this is called. Raises
+        JobNotFoundError at once for a job that does not exist (or has expired).
         """
         url = self._settings.effective_redis_url
         with redis_errors(url):
+            if not self._client.exists(self.stream_key, Job.key_for(self.job_id)):
+                raise JobNotFoundError(f"no job {self.job_id!r} (it may have expired)")
             stream = read_stream(self._client, self.job_id, after=after, live=live, timeout=timeout)
         return _translated(stream, url)
 
@@ -149,7 +152,7 @@ class JobHandle:
                 queue=job.origin if job else None,
                 model=_requested_model(job) if job else None,
             )
-            if job is None:
+            if job is None or not won:  # it had ended: leave RQ's bookkeeping alone
                 return won
             status = job.get_status()
             if status == RQStatus.STARTED:

@@ -8,17 +8,43 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
 
 from tokenrelay.settings import LogFormat
 
+
+class _Redact:
+    """The last processor: blanks secrets out of the rendered line."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        self.secrets = secrets
+
+    def __call__(self, logger: Any, name: str, line: Any) -> str:
+        # Typed Any: structlog types processors as taking the event dict; after the renderer,
+        # what arrives is the rendered string.
+        text = str(line)
+        for secret in self.secrets:
+            text = text.replace(secret, "**********")
+        return text
+
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
-def configure(fmt: LogFormat = "auto", level: str = "info", stream: Any = None) -> None:
-    """Route structlog and stdlib logging to `stream` (stderr) as JSON or console lines."""
+def configure(
+    fmt: LogFormat = "auto",
+    level: str = "info",
+    stream: Any = None,
+    secrets: Sequence[str] = (),
+) -> None:
+    """Route structlog and stdlib logging to `stream` (stderr) as JSON or console lines.
+
+    Every rendered line has `secrets` blanked out, tracebacks included: a server may quote
+    the API key it was sent in an error message.
+    """
     stream = stream or sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Any] = [
@@ -51,6 +77,7 @@ def configure(fmt: LogFormat = "auto", level: str = "info", stream: Any = None) 
                 # The console renderer draws tracebacks itself; JSON wants them as a string.
                 *([structlog.processors.format_exc_info] if as_json else []),
                 renderer,
+                _Redact([s for s in secrets if s]),
             ],
         )
     )

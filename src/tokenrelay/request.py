@@ -114,8 +114,13 @@ def _check_prompt(messages: list[Message], settings: Settings) -> None:
 def _check_options(
     model: str | None, max_tokens: int | None, temperature: float | None, settings: Settings
 ) -> None:
-    if model is not None and (not isinstance(model, str) or not re.fullmatch(r"\S{1,256}", model)):
-        raise InvalidRequestError(f"model must be a name without spaces, got {model!r}")
+    if model is not None and not (
+        isinstance(model, str)
+        and 0 < len(model) <= 256
+        and model.isprintable()
+        and " " not in model
+    ):
+        raise InvalidRequestError(f"model must be a printable name without spaces, got {model!r}")
     if max_tokens is not None:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
             raise InvalidRequestError(f"max_tokens must be an integer, got {max_tokens!r}")

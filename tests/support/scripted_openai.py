@@ -40,6 +40,7 @@ class Script:
         status: Anything but 200 answers with that status and a JSON error.
         stall_after: After this many tokens, block until `release()` or `stop()`.
         token_delay: Seconds to wait before each token; `stop()` cuts it short.
+        error_message: The message of a non-200 reply; `{api_key}` becomes the key sent.
         honor: Request parameters that cap the token count. The default mimics
             llama.cpp's server: legacy `max_tokens` is honoured, while
             `max_completion_tokens` is ignored. A capped reply sends the first
@@ -53,6 +54,7 @@ class Script:
     stall_after: int | None = None
     token_delay: float = 0.0
     honor: frozenset[str] = frozenset({"max_tokens"})
+    error_message: str = "scripted failure"
 
 
 class ScriptedOpenAI:
@@ -261,7 +263,10 @@ class _Handler(BaseHTTPRequestHandler):
             message = f"The model {body.get('model')!r} does not exist"
             self._send_json(404, _error(message, "invalid_request_error", "model_not_found"))
         elif script.status != 200:
-            self._send_json(script.status, _error("scripted failure", "server_error"))
+            # Like servers that quote the key they were sent ("Incorrect API key provided: …").
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            message = script.error_message.replace("{api_key}", key)
+            self._send_json(script.status, _error(message, "server_error"))
         elif body.get("stream") is True:
             self._stream(script, body)
         else:

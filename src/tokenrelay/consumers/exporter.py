@@ -34,6 +34,7 @@ from tokenrelay.consumers.metrics import (
     MetricsAggregator,
     bucket_label,
 )
+from tokenrelay.consumers.viewer import printable
 
 log = structlog.get_logger()
 
@@ -234,7 +235,7 @@ def render_summary(snap: dict[str, Any], tty: bool) -> str:
         return json.dumps(snap, sort_keys=True)
     rows = [[title for title, _, _ in _COLUMNS]]
     for model, row in [*snap["models"].items(), ("(all)", snap["all"])]:
-        cells = [model]
+        cells = [printable(model)]  # a model name comes from whoever submitted the job
         for _, key, fmt in _COLUMNS[1:]:
             cells.append("-" if row.get(key) is None else format(row[key], fmt))
         rows.append(cells)

@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 
 from tokenrelay import keys
 from tokenrelay.consumers.group import group_lags
+from tokenrelay.consumers.viewer import printable
 from tokenrelay.keys import Stat
 from tokenrelay.protocol import Event, StartEntry, TokenEntry, parse_event, records
 
@@ -151,14 +152,15 @@ def collect_status(client: Redis, queues: Sequence[str]) -> Status:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    rows = [[printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return ["  " + line.rstrip() for line in lines]
 
 
 def render(status: Status) -> str:
-    """The status as a screen of text."""
+    """The status as a screen of text (names that came from outside are made printable)."""
     out = ["queues"]
     out += _table([[q, str(n)] for q, n in status.queues.items()], ["queue", "queued"])
     out.append(f"workers ({len(status.workers)})")

@@ -14,7 +14,12 @@ from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
-from tokenrelay.errors import ConfigurationError, StreamClosedError, TruncatedStreamError
+from tokenrelay.errors import (
+    ConfigurationError,
+    GenerationError,
+    StreamClosedError,
+    TruncatedStreamError,
+)
 from tokenrelay.protocol import EndEntry, StartEntry
 from tokenrelay.request import GenerationRequest
 from tokenrelay.settings import Settings
@@ -81,8 +86,11 @@ def _run(
     except Exception as exc:
         entry = error_entry(exc, attempt=attempt, secret=settings.openai_api_key)
         if close_stream(client, job.id, entry, ttl=ttl, queue=job.origin, model=model):
-            log.warning("job.failed", error_type=entry.error_type, tokens=writer.tokens)
-        raise
+            log.warning(
+                "job.failed", error_type=entry.error_type, tokens=writer.tokens, exc_info=True
+            )
+        # RQ keeps the traceback of what the job raised in Redis: give it the redacted one.
+        raise GenerationError(f"{entry.error_type}: {entry.message}") from None
     ended = time.time()
     usage = completion.usage or {}
     end = EndEntry(
