@@ -314,3 +314,25 @@ def test_an_api_key_quoted_back_by_the_server_is_redacted_everywhere(
     assert stored is not None
     assert SECRET_KEY not in str(stored.exc_string)
     assert "GenerationError" in str(stored.exc_string)
+
+
+def test_cancelling_a_finished_job_changes_nothing(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """cancel() of a job that ended says so and leaves its stream and RQ status alone."""
+    handle = relay.submit("hi", model=llm.script(["done"]))
+    workers.run_burst()
+    assert not handle.cancel()
+    assert rq_status(redis_client, handle.job_id) == "finished"
+    assert [type(e) for e in terminal_entries(redis_client, handle.job_id)] == [EndEntry]
+
+
+def test_reading_a_job_that_does_not_exist_fails_at_once(relay: Relay) -> None:
+    """tokens(), text() and records() of an unknown id raise instead of waiting forever."""
+    from tokenrelay import JobNotFoundError
+
+    ghost = relay.job("never-submitted")
+    with pytest.raises(JobNotFoundError, match="no job 'never-submitted'"):
+        ghost.text()
+    with pytest.raises(JobNotFoundError):
+        next(ghost.tokens())

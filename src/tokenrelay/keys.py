@@ -1,7 +1,8 @@
 """Every Redis key, RQ name and default that tokenrelay uses, defined once.
 
-Keys that belong to one job carry the job id as a hash tag (`{job_id}`), so that
-they live in one Redis Cluster slot.
+Keys that belong to one job carry the job id as a hash tag (`{job_id}`), for a future
+Cluster layout; today the append script also writes the lifecycle stream, so tokenrelay
+needs a single Redis node (see docs/protocol.md).
 """
 
 from __future__ import annotations

@@ -99,7 +99,9 @@ def _assemble(assemble: Callable[[Path], object], target: Path) -> None:
 
 
 def _server_environment() -> dict[str, str]:
-    """Our environment minus what llama_cpp.server reads as settings, overriding its arguments.
+    """The child's environment: ours minus what llama_cpp.server would read as its settings.
+
+    (Building a child's environment, not reading settings: nothing here configures us.)
 
     That is any variable named like a setting (API_KEY, VERBOSE, ...), HOST, PORT and CONFIG_FILE.
     """

@@ -157,7 +157,11 @@ class Relay:
 
 
 def submit(prompt: str | None = None, *, relay: Relay | None = None, **options: Any) -> JobHandle:
-    """Queue one generation with a relay built from the environment (or the one given)."""
+    """Queue one generation with a relay built from the environment (or the one given).
+
+    Without `relay`, each call opens a new connection; a script that submits many jobs
+    should hold one `Relay` (or use `submit_many`).
+    """
     return (relay or Relay.from_env()).submit(prompt, **options)
 
 
