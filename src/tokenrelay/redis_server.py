@@ -81,12 +81,6 @@ class RedisServer:
         finally:
             client.close()
 
-    def kill(self) -> None:
-        """Stop the server at once, as a crash would (SIGKILL), keeping its directory."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-
     def stop(self) -> None:
         """Stop the server and remove its directory."""
         if self._process is not None:
