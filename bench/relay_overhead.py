@@ -21,8 +21,8 @@ from redis import Redis
 
 from tokenrelay import Relay, Settings, TokenEntry
 from tokenrelay.connection import connect
-from tokenrelay.redis_server import RedisServer
-from tokenrelay.writer import StreamWriter
+from tokenrelay.dev.redis_server import RedisServer
+from tokenrelay.stream.writer import StreamWriter
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from support.scripted_openai import Script, ScriptedOpenAI

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tokenrelay.cli import parser
+from tokenrelay.cli.parser import parser
 from tokenrelay.settings import environment_variables
 
 ROOT = Path(__file__).parent.parent

@@ -6,23 +6,22 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import SECRET_KEY, ScriptedLLM, Workers
 from redis import Redis
 from support.scripted_openai import ScriptedOpenAI
+from support.scripts import SECRET_KEY, ScriptedLLM
+from support.workers import Workers
 
 from tokenrelay import (
     EndEntry,
     Event,
     JobHandle,
     JobState,
-    ProtocolError,
     Record,
     Relay,
     StartEntry,
     TokenEntry,
 )
-from tokenrelay.protocol import encode, parse_event
-from tokenrelay.reader import read_stream
+from tokenrelay.stream.protocol import parse_event
 
 WORDS = [f" word{i}" for i in range(40)]
 
@@ -248,17 +247,6 @@ def test_worker_logs_are_structured_and_keep_prompts_and_keys_out(
     assert dequeued
     assert about_job
     assert all(line.get("job_id") == handle.job_id for line in about_job)
-
-
-def test_a_reader_detects_a_missing_token_and_skips_a_repeated_one(redis_client: Redis) -> None:
-    """Sequence numbers let a reader refuse a gap and drop a duplicate."""
-    key = "tokenrelay:{gappy}:tokens"
-    for seq, text in [(0, "a"), (1, "b"), (1, "b"), (3, "d")]:
-        redis_client.xadd(key, encode(TokenEntry(seq, text)))  # type: ignore[arg-type]
-    stream = read_stream(redis_client, "gappy", timeout=5)
-    assert [r.entry.text for r in (next(stream), next(stream))] == ["a", "b"]  # type: ignore[union-attr]
-    with pytest.raises(ProtocolError, match="token 2 is missing"):
-        next(stream)
 
 
 def test_a_failed_job_raises_with_its_error_entry(

@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 
-from conftest import ScriptedLLM, Workers, redis_major
 from redis import Redis
+from support.scripts import ScriptedLLM
+from support.streams import redis_major
+from support.workers import Workers
 
 from tokenrelay import Relay, TokenEntry
-from tokenrelay.consumers.group import GroupConsumer
-from tokenrelay.consumers.status import collect_status, render
+from tokenrelay.consumer.group import GroupConsumer
+from tokenrelay.status import collect_status, render
 
 
 def status_json(env: dict[str, str]) -> dict[str, object]:

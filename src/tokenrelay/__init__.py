@@ -10,9 +10,10 @@ from tokenrelay.errors import (
     StreamTimeoutError,
     TokenRelayError,
 )
-from tokenrelay.handle import JobHandle, JobState, Result
-from tokenrelay.producer import Relay, submit, submit_many
-from tokenrelay.protocol import (
+from tokenrelay.producer.handle import JobHandle, JobState, Result
+from tokenrelay.producer.relay import Relay, submit, submit_many
+from tokenrelay.settings import Settings
+from tokenrelay.stream.protocol import (
     EndEntry,
     EntryKind,
     ErrorEntry,
@@ -22,7 +23,6 @@ from tokenrelay.protocol import (
     StartEntry,
     TokenEntry,
 )
-from tokenrelay.settings import Settings
 
 __version__ = "0.1.0"
 

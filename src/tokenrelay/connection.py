@@ -1,32 +1,93 @@
-"""Connecting to Redis, with errors that name the URL instead of a traceback."""
+"""Connecting to Redis: bounded pools, deadlines on every reply, errors that say what failed."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import redis
 from redis import Redis
+from redis.connection import BlockingConnectionPool
+from redis.exceptions import AuthenticationError, MaxConnectionsError, ResponseError
 
-from tokenrelay.errors import RedisUnavailableError
+from tokenrelay.errors import ConfigurationError, RedisUnavailableError
 from tokenrelay.settings import redact_url
+
+#: Seconds to wait for a TCP connection, and for any reply (a blocking read asks for longer).
+CONNECT_TIMEOUT = 5.0
+REPLY_TIMEOUT = 10.0
+
+#: Seconds a caller waits for a free connection when every one of the pool's is in use.
+POOL_WAIT = 5.0
+
+#: Connections per client unless configured (TOKENRELAY_REDIS_MAX_CONNECTIONS).
+DEFAULT_MAX_CONNECTIONS = 1000
+
+_NEEDS_AUTH = ("NOAUTH", "HELLO must be called with the client already authenticated")
+
+
+class _BoundedPool(BlockingConnectionPool):
+    """A pool that makes callers wait for a free connection, then says it ran out."""
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            # redis-py leaves this method unannotated.
+            return super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except redis.ConnectionError as exc:
+            if "No connection available" not in str(exc):
+                raise
+            raise MaxConnectionsError(
+                f"all {self.max_connections} connections of this client are in use "
+                f"(waited {POOL_WAIT:g} s for one; raise TOKENRELAY_REDIS_MAX_CONNECTIONS)"
+            ) from None
 
 
 @contextmanager
 def redis_errors(url: str) -> Iterator[None]:
-    """Turn a connection failure into RedisUnavailableError that says which URL failed."""
+    """Turn a Redis failure into an error that says which URL and what went wrong.
+
+    A missing or wrong password is a ConfigurationError (the URL must change); anything
+    else is RedisUnavailableError.
+    """
+    where = redact_url(url)
     try:
         yield
+    except MaxConnectionsError as exc:
+        raise RedisUnavailableError(f"Redis at {where}: {exc}") from exc
+    except AuthenticationError as exc:
+        raise ConfigurationError(f"Redis at {where} refused the password: {exc}") from exc
+    except ResponseError as exc:
+        if not str(exc).startswith(_NEEDS_AUTH):
+            raise
+        raise ConfigurationError(
+            f"Redis at {where} needs a password: put it in the URL (redis://:PASSWORD@host:port/0)"
+        ) from exc
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise RedisUnavailableError(f"cannot reach Redis at {redact_url(url)}: {exc}") from exc
+        raise RedisUnavailableError(f"cannot reach Redis at {where}: {exc}") from exc
 
 
-def connect(url: str, *, check: bool = True) -> Redis:
-    """A client for `url`, returning bytes as RQ requires; `check` pings it first."""
+def connect(
+    url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, check: bool = True
+) -> Redis:
+    """A client for `url` (bytes replies, as RQ requires); `check` pings it first.
+
+    Its pool holds at most `max_connections`; a caller that finds them all in use waits
+    `POOL_WAIT` seconds, then gets an error that says so. Every reply has a deadline.
+    """
     try:
-        client = Redis.from_url(url, decode_responses=False, socket_connect_timeout=5)
+        pool = _BoundedPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=POOL_WAIT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=REPLY_TIMEOUT,
+            decode_responses=False,
+            protocol=2,  # the reply shapes RQ and our scripts are written against, on any Redis
+        )
     except ValueError as exc:
         raise RedisUnavailableError(f"invalid Redis URL {redact_url(url)}: {exc}") from None
+    client = Redis(connection_pool=pool)
     if check:
         with redis_errors(url):
             client.ping()

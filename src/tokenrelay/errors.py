@@ -5,11 +5,13 @@ TokenRelayError
 ├── InvalidRequestError     a generation request was refused before anything was queued
 ├── RedisUnavailableError   Redis cannot be reached at the configured URL
 ├── JobNotFoundError        no job (and no stream) exists under that id
+│   └── StreamExpiredError      the stream disappeared (expired, deleted) while being read
 ├── JobFailedError          the job's stream ended with an `error` entry
 ├── StreamTimeoutError      no new entry arrived within the reader's timeout
 ├── ProtocolError           a stream broke the protocol (a gap in the tokens, an unknown kind)
 ├── UnsafeJobError          a job payload names a callable other than tokenrelay's generation
 ├── StreamClosedError       the stream already has its terminal entry (cancelled, reaped)
+├── WriterFencedError       another writer owns the stream; this one may not write to it
 └── GenerationError         the model's stream went wrong
     └── TruncatedStreamError    the model's stream ended without a finish reason
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tokenrelay.protocol import ErrorEntry
+    from tokenrelay.stream.protocol import ErrorEntry
 
 
 class TokenRelayError(Exception):
@@ -40,6 +42,10 @@ class RedisUnavailableError(TokenRelayError):
 
 class JobNotFoundError(TokenRelayError, LookupError):
     """No job and no stream exist under that id (it may have expired)."""
+
+
+class StreamExpiredError(JobNotFoundError):
+    """The job's stream disappeared (it expired or was deleted) while a reader waited on it."""
 
 
 class JobFailedError(TokenRelayError):
@@ -64,6 +70,10 @@ class UnsafeJobError(TokenRelayError):
 
 class StreamClosedError(TokenRelayError):
     """The stream already has its terminal entry, so nothing more may be written to it."""
+
+
+class WriterFencedError(TokenRelayError):
+    """Another writer owns the job's stream (the job runs twice); this one may not write to it."""
 
 
 class GenerationError(TokenRelayError):

@@ -59,6 +59,12 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}****@{netloc}"))
 
 
+def _shown(raw: str) -> str:
+    """A setting's raw value fit for an error message: any password out, long ones cut."""
+    text = redact_url(raw) if "://" in raw else raw
+    return repr(text if len(text) <= 80 else f"{text[:77]}...")
+
+
 def _env(name: str, default: T, cast: Callable[[str], T] | None = None) -> Any:
     """A dataclass field read from the environment variable `name` (see `Settings.from_env`)."""
     return field(default=default, metadata={"env": name, "cast": cast})
@@ -91,6 +97,25 @@ def _optional(raw: str) -> str | None:
     return raw or None
 
 
+def _redis_url(raw: str) -> str:
+    """A Redis URL that redis-py would not silently misread (a database that is not a number)."""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    if parts.scheme == "unix":
+        return raw
+    if not parts.hostname:
+        raise ValueError("names no host")
+    try:
+        parts.port  # noqa: B018 (the property parses the port and raises on junk)
+    except ValueError:
+        raise ValueError("the port must be a number") from None
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"the database (after the last /) must be a number, got {database[:20]!r}")
+    return raw
+
+
 _NO_KEY = Secret("")
 _MAX_TOKENS_PARAMS = _choice("auto", "both", "max_completion_tokens")
 _LOG_FORMATS = _choice("auto", "json", "console")
@@ -101,7 +126,8 @@ _LOG_LEVELS = _choice("debug", "info", "warning", "error")
 class Settings:
     """Everything tokenrelay can be configured with; each field names its environment variable."""
 
-    redis_url: str | None = _env("TOKENRELAY_REDIS_URL", None, _optional)
+    redis_url: str | None = _env("TOKENRELAY_REDIS_URL", None, _redis_url)
+    redis_max_connections: int = _env("TOKENRELAY_REDIS_MAX_CONNECTIONS", 1000, _positive_int)
     queue: str = _env("TOKENRELAY_QUEUE", "tokenrelay")
     openai_api_key: Secret = _env("OPENAI_API_KEY", _NO_KEY, Secret)
     openai_base_url: str | None = _env("OPENAI_BASE_URL", None, _optional)
@@ -133,7 +159,7 @@ class Settings:
             try:
                 values[f.name] = cast(raw)
             except ValueError as exc:
-                raise ConfigurationError(f"{f.metadata['env']}={raw!r}: {exc}") from None
+                raise ConfigurationError(f"{f.metadata['env']}={_shown(raw)}: {exc}") from None
         return cls(**values)
 
     def with_overrides(self, **changes: Any) -> Settings:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from contextlib import closing
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from langchain_core.messages import BaseMessageChunk
+from langchain_core.messages import AIMessage as AssistantMessage
+from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from redis import Redis
 from rq import get_current_job
 from rq.job import Job
@@ -17,28 +17,29 @@ from rq.job import Job
 from tokenrelay.errors import (
     ConfigurationError,
     GenerationError,
+    InvalidRequestError,
     StreamClosedError,
     TruncatedStreamError,
+    WriterFencedError,
 )
-from tokenrelay.protocol import EndEntry, StartEntry
-from tokenrelay.request import GenerationRequest
+from tokenrelay.producer.request import GenerationRequest, request_from_payload
 from tokenrelay.settings import Settings
+from tokenrelay.stream.protocol import EndEntry, ErrorEntry, StartEntry
+from tokenrelay.stream.writer import StreamWriter, close_stream
 from tokenrelay.worker.llm import chat_model, error_entry
 from tokenrelay.worker.publisher import TokenPublisher
-from tokenrelay.writer import StreamWriter, close_stream
+from tokenrelay.worker.streaming import StreamedAnswer, stream_chat
 
 log = structlog.get_logger()
 
 #: The running worker's settings, set by `RelayWorker` around each job.
 worker_settings: ContextVar[Settings] = ContextVar("tokenrelay_worker_settings")
 
-
-@dataclass(frozen=True)
-class Completion:
-    """How the model's stream ended."""
-
-    finish_reason: str
-    usage: dict[str, int] | None
+_MESSAGE_TYPES: dict[str, type[BaseMessage]] = {
+    "system": SystemMessage,
+    "user": HumanMessage,
+    "assistant": AssistantMessage,
+}
 
 
 def generate(payload: dict[str, Any]) -> dict[str, Any]:
@@ -49,52 +50,70 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     except LookupError:
         raise ConfigurationError("tokenrelay jobs run only in `tokenrelay worker`") from None
     assert job is not None, "generate runs inside an RQ job"
-    return _run(job, GenerationRequest.from_payload(payload, job.id), payload, settings)
+    return _run(job, payload, settings)
 
 
-def _run(
-    job: Job, request: GenerationRequest, payload: dict[str, Any], settings: Settings
-) -> dict[str, Any]:
+def _attempt(job: Job) -> int:
+    return (job.number_of_retries or 0) + 1
+
+
+def _refuse(job: Job, exc: InvalidRequestError, settings: Settings) -> None:
+    """End the stream of a job whose payload fails the checks `submit` makes."""
+    entry = ErrorEntry("InvalidRequestError", str(exc), retryable=False, attempt=_attempt(job))
+    if close_stream(job.connection, job.id, entry, ttl=settings.stream_ttl, queue=job.origin):
+        log.warning("job.refused", reason=str(exc))
+
+
+def _run(job: Job, payload: Any, settings: Settings) -> dict[str, Any]:
     client: Redis = job.connection
+    try:
+        request, ttl = request_from_payload(payload, job.id, settings)
+    except InvalidRequestError as exc:
+        _refuse(job, exc, settings)
+        raise
     model = request.model or settings.model
     max_tokens = request.max_tokens or settings.max_tokens
-    attempt = (job.number_of_retries or 0) + 1
-    ttl = int(payload["stream_ttl"])
     started = time.time()
     submitted = job.enqueued_at.timestamp() if job.enqueued_at else None
     writer = StreamWriter(client, job.id, ttl=ttl)
     start = StartEntry(
         job.id,
         model,
-        attempt,
+        _attempt(job),
         submitted,
         started,
         job.worker_name or "",
         max_tokens,
         request.prompt_chars,
+        writer.writer_token,
     )
-    writer.start(start, queue=job.origin)
+    try:
+        writer.start(start, queue=job.origin)
+    except WriterFencedError:
+        log.error("job.duplicate", reason="another worker is writing this job's stream")
+        raise
     queue_wait_ms = None if submitted is None else (started - submitted) * 1000
     log.info(
         "job.started", model=model, prompt_chars=request.prompt_chars, queue_wait_ms=queue_wait_ms
     )
     try:
-        completion = _stream(chat_model(settings, request), request, writer, max_tokens, started)
-    except StreamClosedError:
+        answer = _stream(chat_model(settings, request), request, writer, max_tokens, started)
+    except (StreamClosedError, WriterFencedError):
         log.info("job.cancelled", tokens=writer.tokens)
         raise
     except Exception as exc:
-        entry = error_entry(exc, attempt=attempt, secret=settings.openai_api_key)
-        if close_stream(client, job.id, entry, ttl=ttl, queue=job.origin, model=model):
+        entry = error_entry(exc, attempt=_attempt(job), secret=settings.openai_api_key)
+        if writer.close(entry, queue=job.origin, model=model):
             log.warning(
                 "job.failed", error_type=entry.error_type, tokens=writer.tokens, exc_info=True
             )
         # RQ keeps the traceback of what the job raised in Redis: give it the redacted one.
         raise GenerationError(f"{entry.error_type}: {entry.message}") from None
     ended = time.time()
-    usage = completion.usage or {}
+    usage = answer.usage or {}
+    assert answer.finish_reason is not None  # _stream raised otherwise
     end = EndEntry(
-        finish_reason=completion.finish_reason,
+        finish_reason=answer.finish_reason,
         tokens=writer.tokens,
         prompt_tokens=usage.get("input_tokens"),
         completion_tokens=usage.get("output_tokens"),
@@ -103,7 +122,7 @@ def _run(
         ttft_ms=None if writer.first_token_at is None else (writer.first_token_at - started) * 1000,
         duration_ms=(ended - started) * 1000,
     )
-    if not close_stream(client, job.id, end, ttl=ttl, queue=job.origin, model=model):
+    if not writer.close(end, queue=job.origin, model=model):
         raise StreamClosedError(f"job {job.id} was ended elsewhere before it finished")
     duration = ended - started
     log.info(
@@ -118,26 +137,17 @@ def _run(
 
 def _stream(
     llm: Any, request: GenerationRequest, writer: StreamWriter, max_tokens: int, started: float
-) -> Completion:
+) -> StreamedAnswer:
     """Stream the model's answer through the publisher; how it ended."""
     publisher = TokenPublisher(writer, limit=max_tokens, started=started)
-    messages = [(m.role, m.content) for m in request.messages]
-    finish_reason: str | None = None
-    usage: dict[str, int] | None = None
-    chunks = llm.stream(messages, config={"callbacks": [publisher]})
-    with closing(chunks):
-        for chunk in chunks:
-            finish_reason = _finish_reason(chunk) or finish_reason
-            usage = chunk.usage_metadata or usage
+    messages = [_MESSAGE_TYPES[m.role](content=m.content) for m in request.messages]
+    answer = StreamedAnswer()
+    with closing(stream_chat(llm, messages, [publisher], answer)) as deltas:
+        for _ in deltas:
             if publisher.over_limit:  # the server ignored the limit; stop it here
-                finish_reason = "length"
+                answer.finish_reason = "length"
                 break
     writer.flush()
-    if finish_reason is None:
+    if answer.finish_reason is None:
         raise TruncatedStreamError("the model's stream ended without a finish reason")
-    return Completion(finish_reason, dict(usage) if usage else None)
-
-
-def _finish_reason(chunk: BaseMessageChunk) -> str | None:
-    reason = chunk.response_metadata.get("finish_reason")
-    return str(reason) if reason else None
+    return answer

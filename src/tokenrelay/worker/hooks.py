@@ -15,10 +15,12 @@ import structlog
 from redis import Redis
 from rq.job import Job
 
-from tokenrelay.protocol import ErrorEntry
+from tokenrelay.errors import WriterFencedError
+from tokenrelay.producer.request import MAX_STREAM_TTL, STREAM_TTL_FIELD
 from tokenrelay.settings import Settings
+from tokenrelay.stream.protocol import ErrorEntry
+from tokenrelay.stream.writer import close_stream
 from tokenrelay.worker.llm import error_entry
-from tokenrelay.writer import close_stream
 
 log = structlog.get_logger()
 
@@ -28,10 +30,14 @@ def _attempt(job: Job) -> int:
 
 
 def _stream_ttl(job: Job) -> int:
+    """The payload's stream TTL if it is a sane one; a payload we cannot read gets the default."""
     try:
-        return int(job.args[0]["stream_ttl"])
-    except Exception:  # a payload we cannot read still gets its stream closed
-        return Settings().stream_ttl
+        ttl = job.args[0][STREAM_TTL_FIELD]
+    except Exception:
+        ttl = None
+    if isinstance(ttl, int) and not isinstance(ttl, bool) and 1 <= ttl <= MAX_STREAM_TTL:
+        return ttl
+    return Settings().stream_ttl
 
 
 def end_with_error(connection: Redis, job: Job, entry: ErrorEntry) -> bool:
@@ -52,6 +58,8 @@ def on_failure(
 ) -> None:
     """RQ failure callback: the job raised, timed out, or was found abandoned."""
     exc = exc_value if exc_value is not None else exc_type()
+    if isinstance(exc, WriterFencedError):  # the stream is another run's: never touch it
+        return
     end_with_error(connection, job, error_entry(exc, attempt=_attempt(job)))
 
 

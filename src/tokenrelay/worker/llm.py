@@ -9,9 +9,9 @@ from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
 from tokenrelay.errors import GenerationError
-from tokenrelay.protocol import ErrorEntry
-from tokenrelay.request import GenerationRequest
+from tokenrelay.producer.request import GenerationRequest
 from tokenrelay.settings import Secret, Settings
+from tokenrelay.stream.protocol import ErrorEntry
 
 #: What a local server without authentication is sent as an API key.
 NO_KEY = "unused"
@@ -26,6 +26,12 @@ _RETRYABLE = (
 )
 
 _MAX_MESSAGE = 1000
+
+#: What happened, for the exceptions RQ raises without a message.
+_MESSAGES: dict[type[BaseException], str] = {
+    AbandonedJobError: "the worker running the job died or vanished (its heartbeat lapsed)",
+    JobTimeoutException: "the job ran longer than its timeout",
+}
 
 
 def chat_model(settings: Settings, request: GenerationRequest) -> ChatOpenAI:
@@ -49,7 +55,7 @@ def chat_model(settings: Settings, request: GenerationRequest) -> ChatOpenAI:
 
 def error_entry(exc: BaseException, *, attempt: int, secret: Secret | None = None) -> ErrorEntry:
     """The `error` entry for an exception: its type, a redacted message, whether to retry."""
-    message = str(exc) or (type(exc).__doc__ or type(exc).__name__).strip().splitlines()[0]
+    message = str(exc) or _MESSAGES.get(type(exc), f"{type(exc).__name__} was raised")
     if secret:
         message = message.replace(secret.reveal(), "**********")
     return ErrorEntry(

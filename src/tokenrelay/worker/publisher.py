@@ -9,7 +9,7 @@ import structlog
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import ChatGenerationChunk, GenerationChunk
 
-from tokenrelay.writer import StreamWriter
+from tokenrelay.stream.writer import StreamWriter
 
 log = structlog.get_logger()
 

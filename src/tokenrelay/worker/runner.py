@@ -14,11 +14,12 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from tokenrelay import keys
 from tokenrelay.connection import connect
 from tokenrelay.errors import UnsafeJobError
-from tokenrelay.protocol import ErrorEntry
 from tokenrelay.settings import Settings
+from tokenrelay.stream import keys
+from tokenrelay.stream.events import trim_events
+from tokenrelay.stream.protocol import ErrorEntry
 from tokenrelay.worker import hooks
 from tokenrelay.worker.generation import generate, worker_settings
 
@@ -110,6 +111,11 @@ class RelayWorker(Worker):
         finally:
             worker_settings.reset(token)
 
+    def clean_registries(self) -> None:
+        """RQ's periodic maintenance, and trimming the lifecycle stream to what groups need."""
+        super().clean_registries()  # type: ignore[no-untyped-call]  # unannotated in rq
+        trim_events(self.connection)
+
     def _horse_killed(self, job: Job, retpid: int, status: int | None, rusage: Any) -> None:
         hooks.on_work_horse_killed(job, self.connection, status)
 
@@ -138,7 +144,7 @@ def run_worker(
     name: str | None = None,
 ) -> None:
     """Work on the queues until stopped (or, with `burst`, until they are empty)."""
-    client = connect(settings.effective_redis_url)
+    client = connect(settings.effective_redis_url, max_connections=settings.redis_max_connections)
     worker = RelayWorker(
         queues or [settings.queue], connection=client, settings=settings, name=name
     )

@@ -1,0 +1,182 @@
+"""The commands of the `tokenrelay` CLI: each takes the parsed arguments and the settings,
+and delegates to the library. Argument parsing is `tokenrelay.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from tokenrelay.cli.progress import Progress
+from tokenrelay.connection import connect
+from tokenrelay.consumer.viewer import view
+from tokenrelay.errors import InvalidRequestError
+from tokenrelay.producer.batch import load_batch
+from tokenrelay.producer.handle import JobHandle
+from tokenrelay.producer.relay import Relay
+from tokenrelay.settings import Settings
+from tokenrelay.stream import keys
+from tokenrelay.stream.protocol import ErrorEntry
+from tokenrelay.stream.reader import BEGINNING
+from tokenrelay.terminal import printable
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _follow(
+    handle: JobHandle, *, after: str = BEGINNING, live: bool = False, timeout: float | None = None
+) -> int:
+    entry = view(handle, sys.stdout, after=after, live=live, timeout=timeout)
+    sys.stdout.write("\n")
+    if isinstance(entry, ErrorEntry):
+        reason = f"{entry.error_type}: {printable(entry.message)}"
+        print(f"tokenrelay: job {handle.job_id} failed: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _stdin_text() -> str:
+    """Standard input, which must be UTF-8 (read as bytes: no decoding error turns into text)."""
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start : exc.start + 1]
+        raise InvalidRequestError(
+            f"standard input is not valid UTF-8 (byte {exc.start}: {bad!r})"
+        ) from None
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    if (args.prompt is None) == (args.file is None):
+        raise InvalidRequestError("give a PROMPT (or - to read it from stdin) or --file, not both")
+    with Relay.from_env(settings) as relay:
+        if args.file is not None:
+            items = load_batch(args.file)
+            progress = Progress(len(items), sys.stderr, "submitted")
+            handles = relay.submit_many(items, progress=progress)
+            ids = "".join(f"{h.job_id}\n" for h in handles)
+            if args.ids_out:
+                args.ids_out.write_text(ids)
+            else:
+                sys.stdout.write(ids)
+            return EXIT_OK
+        prompt = _stdin_text() if args.prompt == "-" else args.prompt
+        messages = None
+        if args.system is not None:
+            messages = [
+                {"role": "system", "content": args.system},
+                {"role": "user", "content": prompt},
+            ]
+            prompt = None
+        handle = relay.submit(
+            prompt,
+            messages=messages,
+            model=args.model,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            job_id=args.job_id,
+            metadata=dict(args.meta or []),
+        )
+        print(handle.job_id, file=sys.stderr if args.follow else sys.stdout)
+        return _follow(handle, timeout=args.timeout) if args.follow else EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    with Relay.from_env(settings) as relay:
+        handle = relay.job(args.job_id)
+        handle.status()  # raises JobNotFoundError for an unknown job
+        return _follow(handle, after=args.from_id, live=args.live, timeout=args.timeout)
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    with Relay.from_env(settings) as relay:
+        for job_id in args.job_ids:
+            handle = relay.job(job_id)
+            handle.status()
+            print(f"{job_id}: {'cancelled' if handle.cancel() else 'had already ended'}")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.worker.runner import run_worker
+
+    run_worker(settings, queues=args.queue or (), burst=args.burst, name=args.name)
+    return EXIT_OK
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by the first SIGINT or SIGTERM, for a clean stop between events."""
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def cmd_record(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.consumer.group import GroupConsumer
+    from tokenrelay.consumer.recorder import Recorder
+
+    client = connect(settings.effective_redis_url)
+    consumer = GroupConsumer(client, keys.RECORDER_GROUP, args.name, claim_after=args.claim_after)
+    recorder = Recorder(client, args.dir)
+    if args.once:
+        consumer.run_until_idle(recorder)
+    else:
+        consumer.run(recorder, _stop_on_signals())
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.consumer.exporter import serve_metrics
+
+    serve_metrics(
+        connect(settings.effective_redis_url),
+        host=args.host,
+        port=args.port,
+        consumer=args.name,
+        interval=args.interval,
+        stop=_stop_on_signals(),
+        out=sys.stdout,
+        claim_after=args.claim_after,
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.status import collect_status, render
+
+    client = connect(settings.effective_redis_url)
+    status = collect_status(client, args.queue or [settings.queue])
+    if args.json:
+        print(json.dumps(status.as_dict(), indent=2))
+    else:
+        sys.stdout.write(render(status))
+    return EXIT_OK
+
+
+def cmd_llm_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.dev.local_model import serve
+
+    return serve(
+        args.model_path,
+        args.port,
+        chat_format=args.chat_format,
+        n_ctx=args.n_ctx,
+        threads=args.threads,
+    )
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.dev.demo import run_demo
+
+    return run_demo(
+        settings, prompt=args.prompt, max_tokens=args.max_tokens, transcripts=args.transcripts
+    )

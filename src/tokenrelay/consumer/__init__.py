@@ -1,0 +1,1 @@
+"""Consumers: programs that read the streams and never talk to a worker."""

@@ -1,0 +1,268 @@
+"""Reading the lifecycle stream as a member of a consumer group: resumable, shared, exactly once.
+
+Each kind of consumer (the recorder, the metrics aggregator) is a Redis consumer
+group on `tokenrelay:events`, so several processes of one kind share the work and
+each event goes to one of them. An event is acknowledged in the same transaction
+(MULTI/EXEC) as the Redis writes its handler makes, so a consumer killed at any
+moment neither loses nor doubles them: what was not acknowledged is delivered
+again, to the same member when it restarts under its name, or to another member
+once it has been idle for `claim_after` seconds.
+
+A handler that raises leaves its event pending: it is tried again after a growing delay
+(`retry_delay`, doubled each time), while the member goes on with other events. An event
+delivered `max_deliveries` times without being acknowledged (the handler kept failing, or
+the consumer kept crashing on it) is moved to the dead-letter stream, so one poison event
+never stops a group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import ResponseError
+
+from tokenrelay.consumer.dead_letter import dead_letter
+from tokenrelay.errors import ProtocolError
+from tokenrelay.stream import keys
+from tokenrelay.stream.events import count_trimmed_unread, trim_events
+from tokenrelay.stream.keys import Stat
+from tokenrelay.stream.protocol import LifecycleEvent, parse_event
+
+log = structlog.get_logger()
+
+
+_BATCH = 100
+
+#: Seconds between a member's trims of the lifecycle stream.
+TRIM_INTERVAL = 60.0
+
+#: The longest delay before a failed event is tried again.
+MAX_RETRY_DELAY = 60.0
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+_UNACKNOWLEDGED = "delivered again and again, never acknowledged (did a consumer crash on it?)"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One lifecycle event handed to this consumer, with its entry id."""
+
+    id: str
+    event: LifecycleEvent
+
+
+#: Handles one event; its Redis writes go into the pipeline, which commits them with the ack.
+Handler = Callable[[Delivery, Pipeline], None]
+
+
+def default_consumer_name() -> str:
+    """A name unique to this process; give a stable one to resume your own pending events."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class GroupConsumer:
+    """Delivers lifecycle events to `handler`, one member of consumer group `group`."""
+
+    def __init__(
+        self,
+        client: Redis,
+        group: str,
+        consumer: str | None = None,
+        *,
+        claim_after: float = 60.0,
+        block: float = 1.0,
+        max_deliveries: int = 5,
+        retry_delay: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.group = group
+        self.consumer = consumer or default_consumer_name()
+        self.stats_key = keys.consumer_stats(group)
+        self.max_deliveries = max_deliveries
+        self.retry_delay = retry_delay
+        self._claim_after_ms = int(claim_after * 1000)
+        self._block_ms = int(block * 1000)
+        self._retries: dict[bytes, float] = {}  # failed event id -> when to try it again
+        self._errors: dict[bytes, tuple[int, str]] = {}  # failed event id -> (failures, error)
+        self._trimmed_at = 0.0
+
+    def ensure_group(self) -> None:
+        """Create the group, reading from the very first event, unless it exists."""
+        try:
+            self.client.xgroup_create(keys.EVENTS_STREAM, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def run(self, handler: Handler, stop: threading.Event) -> None:
+        """Handle events until `stop` is set: first this member's pending ones, then new ones."""
+        self.ensure_group()
+        log.info("consumer.started", group=self.group, consumer=self.consumer)
+        self._handle_all(handler, self._pending())
+        while not stop.is_set():
+            self._handle_all(handler, self._due() or self._claimed() or self._new())
+            self._trim()
+        log.info("consumer.stopped", group=self.group, consumer=self.consumer)
+
+    def run_until_idle(self, handler: Handler) -> int:
+        """Handle every event available now (failed ones once), then return how many."""
+        self.ensure_group()
+        handled = self._handle_all(handler, self._pending())
+        while batch := self._claimed() or self._new(block=False):
+            handled += self._handle_all(handler, batch)
+        self._trim(force=True)
+        return handled
+
+    def check_trimmed(self) -> int:
+        """Report events trimmed from the lifecycle stream before this group read them.
+
+        Returns how many (always 0 before Redis 7, which does not count what it trims).
+        Run before each read: once a read has jumped the gap, it can no longer be seen.
+        """
+        lost = count_trimmed_unread(self.client, self.group)
+        if lost:
+            log.warning("consumer.events_trimmed_unread", group=self.group, events=lost)
+        return lost
+
+    def _trim(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._trimmed_at >= TRIM_INTERVAL:
+            self._trimmed_at = now
+            trim_events(self.client)
+
+    def _pending(self) -> Entries:
+        """This member's delivered but unacknowledged events (after a crash and a restart)."""
+        return self._redelivered(self._read("0", block=None))
+
+    def _new(self, block: bool = True) -> Entries:
+        self.check_trimmed()
+        wait = self._block_ms
+        if self._retries:  # wake up in time for the next retry
+            next_retry = min(self._retries.values()) - time.monotonic()
+            wait = max(1, min(wait, int(next_retry * 1000)))
+        return self._read(">", block=wait if block else None)
+
+    def _read(self, start: str, block: int | None) -> Entries:
+        reply: Any = self.client.xreadgroup(
+            self.group, self.consumer, {keys.EVENTS_STREAM: start}, count=_BATCH, block=block
+        )
+        entries = reply[0][1] if reply else []
+        # Pending entries trimmed from the stream come back with no fields.
+        for entry_id, fields in entries:
+            if not fields:
+                self._lost(entry_id)
+        return [(entry_id, fields) for entry_id, fields in entries if fields]
+
+    def _due(self) -> Entries:
+        """This member's failed events whose retry time has come, delivered again."""
+        now = time.monotonic()
+        due = [entry_id for entry_id, at in self._retries.items() if at <= now]
+        if not due:
+            return []
+        ids: list[Any] = list(due)
+        claimed: Any = self.client.xclaim(keys.EVENTS_STREAM, self.group, self.consumer, 0, ids)
+        for entry_id in due:  # claimed again below, or acknowledged meanwhile
+            self._retries.pop(entry_id, None)
+        return self._redelivered([(entry_id, fields) for entry_id, fields in claimed if fields])
+
+    def _claimed(self) -> Entries:
+        """Events another member took and has not acknowledged for `claim_after`: it died."""
+        reply: Any = self.client.xautoclaim(
+            keys.EVENTS_STREAM,
+            self.group,
+            self.consumer,
+            self._claim_after_ms,
+            count=_BATCH,
+        )
+        for entry_id in reply[2] if len(reply) > 2 else []:
+            self._lost(entry_id)
+        claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+        if claimed:
+            log.info("consumer.claimed", group=self.group, events=len(claimed))
+        return self._redelivered(claimed)
+
+    def _redelivered(self, entries: Entries) -> Entries:
+        """The entries that may be handled again; those delivered too often are dead-lettered."""
+        if not entries:
+            return entries
+        counts: Any = self.client.xpending_range(
+            keys.EVENTS_STREAM,
+            self.group,
+            min=entries[0][0],
+            max=entries[-1][0],
+            count=len(entries) * 4,
+            consumername=self.consumer,
+        )
+        delivered = {item["message_id"]: int(item["times_delivered"]) for item in counts}
+        keep = []
+        for entry_id, fields in entries:
+            times = delivered.get(entry_id, 1)
+            if times > self.max_deliveries:
+                _, error = self._errors.pop(entry_id, (0, _UNACKNOWLEDGED))
+                dead_letter(
+                    self.client, self.group, entry_id, fields, deliveries=times - 1, error=error
+                )
+            else:
+                keep.append((entry_id, fields))
+        return keep
+
+    def _lost(self, entry_id: bytes) -> None:
+        """A pending event was trimmed from the lifecycle stream before it was handled."""
+        log.warning("consumer.event_trimmed", group=self.group, event_id=entry_id.decode())
+        with self.client.pipeline() as pipe:
+            pipe.hincrby(self.stats_key, Stat.EVENTS_TRIMMED, 1)
+            pipe.xack(keys.EVENTS_STREAM, self.group, entry_id)
+            pipe.execute()
+
+    def _handle_all(self, handler: Handler, entries: Entries) -> int:
+        for entry_id, fields in entries:
+            self._handle(handler, entry_id, fields)
+        return len(entries)
+
+    def _handle(self, handler: Handler, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        delivery_id = entry_id.decode()
+        try:
+            event = parse_event(fields)
+        except ProtocolError as exc:
+            log.warning(
+                "consumer.bad_event", group=self.group, event_id=delivery_id, error=str(exc)
+            )
+            self.client.hincrby(self.stats_key, Stat.EVENTS_MALFORMED, 1)
+            dead_letter(self.client, self.group, entry_id, fields, deliveries=1, error=str(exc))
+            return
+        with self.client.pipeline(transaction=True) as pipe:
+            try:
+                handler(Delivery(delivery_id, event), pipe)
+            except Exception as exc:  # a failed event waits for its retry; the rest go on
+                self._failed(entry_id, exc)
+                return
+            pipe.hincrby(self.stats_key, Stat.EVENTS_HANDLED, 1)
+            pipe.xack(keys.EVENTS_STREAM, self.group, entry_id)
+            pipe.execute()
+        self._errors.pop(entry_id, None)
+
+    def _failed(self, entry_id: bytes, exc: Exception) -> None:
+        """Remember a handler failure; the event is tried again after a growing delay."""
+        error = f"{type(exc).__name__}: {exc}"
+        failures = 1 + self._errors.get(entry_id, (0, ""))[0]
+        delay = min(MAX_RETRY_DELAY, self.retry_delay * 2 ** (failures - 1))
+        self._errors[entry_id] = (failures, error)
+        self._retries[entry_id] = time.monotonic() + delay
+        log.warning(
+            "consumer.handler_failed",
+            group=self.group,
+            event_id=entry_id.decode(),
+            error=error,
+            retry_in_s=round(delay, 3),
+            exc_info=True,
+        )

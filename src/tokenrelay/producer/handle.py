@@ -1,0 +1,186 @@
+"""A handle on one submitted job: its tokens, its result, its status, and cancelling it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from enum import StrEnum
+
+from redis import Redis
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.serializers import JSONSerializer
+
+from tokenrelay.connection import redis_errors
+from tokenrelay.errors import JobFailedError, JobNotFoundError
+from tokenrelay.settings import Settings
+from tokenrelay.stream import keys
+from tokenrelay.stream.protocol import (
+    CANCELLED,
+    EndEntry,
+    ErrorEntry,
+    Event,
+    Record,
+    TokenEntry,
+    ended_as,
+    records,
+)
+from tokenrelay.stream.reader import BEGINNING, read_stream
+from tokenrelay.stream.writer import close_stream
+
+
+def _translated(stream: Iterator[Record], url: str) -> Iterator[Record]:
+    with redis_errors(url):
+        yield from stream
+
+
+def _requested_model(job: Job) -> str | None:
+    """The model a job's request named, if it can be read."""
+    try:
+        return str(job.args[0]["model"]) if job.args[0].get("model") else None
+    except Exception:  # a payload that is not ours has no model to report
+        return None
+
+
+class JobState(StrEnum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_ENDED = {
+    Event.FINISHED: JobState.FINISHED,
+    Event.FAILED: JobState.FAILED,
+    Event.CANCELLED: JobState.CANCELLED,
+}
+
+_FROM_RQ = {
+    RQStatus.QUEUED: JobState.QUEUED,
+    RQStatus.DEFERRED: JobState.QUEUED,
+    RQStatus.SCHEDULED: JobState.QUEUED,
+    RQStatus.CREATED: JobState.QUEUED,
+    RQStatus.STARTED: JobState.STARTED,
+    RQStatus.FINISHED: JobState.FINISHED,
+    RQStatus.FAILED: JobState.FAILED,
+    RQStatus.STOPPED: JobState.FAILED,
+    RQStatus.CANCELED: JobState.CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished generation: its text and its `end` entry (usage and timings)."""
+
+    job_id: str
+    text: str
+    end: EndEntry
+
+
+class JobHandle:
+    """One submitted job, identified by its id; cheap to create for any id."""
+
+    def __init__(self, client: Redis, job_id: str, *, settings: Settings) -> None:
+        self.job_id = job_id
+        self.stream_key = keys.token_stream(job_id)
+        self._client = client
+        self._settings = settings
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r})"
+
+    def records(
+        self, *, after: str = BEGINNING, live: bool = False, timeout: float | None = None
+    ) -> Iterator[Record]:
+        """Every entry of the job's stream after `after`, until its terminal entry.
+
+        A `live` reader starts at the newest entry when this is called. Raises
+        JobNotFoundError at once for a job that does not exist (or has expired).
+        """
+        url = self._settings.effective_redis_url
+        job_key = Job.key_for(self.job_id)
+        with redis_errors(url):
+            if not self._client.exists(self.stream_key, job_key):
+                raise JobNotFoundError(f"no job {self.job_id!r} (it may have expired)")
+            stream = read_stream(
+                self._client,
+                self.job_id,
+                after=after,
+                live=live,
+                timeout=timeout,
+                alive_keys=[job_key],
+            )
+        return _translated(stream, url)
+
+    def tokens(self, *, after: str = BEGINNING, timeout: float | None = None) -> Iterator[str]:
+        """The generated text, token by token, as it arrives; raises JobFailedError on `error`."""
+        for _, entry in self.records(after=after, timeout=timeout):
+            if isinstance(entry, TokenEntry):
+                yield entry.text
+            elif isinstance(entry, ErrorEntry):
+                raise JobFailedError(entry)
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Wait for the job to end; its text and `end` entry, or JobFailedError."""
+        parts: list[str] = []
+        for _, entry in self.records(timeout=timeout):
+            if isinstance(entry, TokenEntry):
+                parts.append(entry.text)
+            elif isinstance(entry, ErrorEntry):
+                raise JobFailedError(entry)
+            elif isinstance(entry, EndEntry):
+                return Result(self.job_id, "".join(parts), entry)
+        raise AssertionError("read_stream ends only after a terminal entry")  # pragma: no cover
+
+    def text(self, timeout: float | None = None) -> str:
+        """Wait for the job to end and return its whole text, or raise JobFailedError."""
+        return self.result(timeout).text
+
+    def status(self) -> JobState:
+        """The job's state; raises JobNotFoundError for an unknown (or expired) job."""
+        with redis_errors(self._settings.effective_redis_url):
+            last = records(self._client.xrevrange(self.stream_key, count=1))
+            if last and isinstance(last[0].entry, EndEntry | ErrorEntry):
+                return _ENDED[ended_as(last[0].entry)]
+            try:
+                job = Job.fetch(self.job_id, connection=self._client, serializer=JSONSerializer)
+            except NoSuchJobError:
+                if last:
+                    return JobState.STARTED
+                raise JobNotFoundError(f"no job {self.job_id!r} (it may have expired)") from None
+            return _FROM_RQ.get(job.get_status(), JobState.QUEUED)
+
+    def cancel(self) -> bool:
+        """End the job with a `cancelled` error entry and stop it; False if it had already ended."""
+        with redis_errors(self._settings.effective_redis_url):
+            try:
+                job = Job.fetch(self.job_id, connection=self._client, serializer=JSONSerializer)
+            except NoSuchJobError:
+                job = None
+            entry = ErrorEntry(CANCELLED, "cancelled on request", retryable=False)
+            won = close_stream(
+                self._client,
+                self.job_id,
+                entry,
+                ttl=self._settings.stream_ttl,
+                queue=job.origin if job else None,
+                model=_requested_model(job) if job else None,
+            )
+            if job is None or not won:  # it had ended: leave RQ's bookkeeping alone
+                return won
+            status = job.get_status()
+            if status == RQStatus.STARTED:
+                with suppress(InvalidJobOperation):  # it ended between the two calls
+                    send_stop_job_command(self._client, self.job_id, serializer=JSONSerializer)
+            elif _FROM_RQ.get(status) == JobState.QUEUED:
+                with suppress(InvalidJobOperation):  # cancelled by someone else meanwhile
+                    job.cancel()
+                # RQ keeps a cancelled job (and its prompt) forever; keep it as long as its stream.
+                self._client.expire(job.key, self._settings.stream_ttl)
+            return won

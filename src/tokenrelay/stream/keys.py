@@ -1,0 +1,90 @@
+"""Every Redis key, RQ name and job-id rule that tokenrelay uses, defined once.
+
+Keys that belong to one job carry the job id as a hash tag (`{job_id}`), for a future
+Cluster layout; today the append script also writes the lifecycle stream, so tokenrelay
+needs a single Redis node (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+PREFIX = "tokenrelay"
+
+#: What RQ accepts in a job id, with a length cap; also safe inside a Redis hash tag and as
+#: a file name (the recorder names transcripts after it).
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+#: The global lifecycle stream: one entry per job state change.
+EVENTS_STREAM = f"{PREFIX}:events"
+
+#: The lifecycle stream's hard cap (`XADD MAXLEN ~`); normally it is trimmed far below this,
+#: to what its slowest consumer group has read (`tokenrelay.stream.events.trim_events`).
+EVENTS_HARD_CAP = 1_000_000
+
+#: How many of the newest lifecycle events are kept even when every group has read them
+#: (`tokenrelay status` shows recent failures from them).
+EVENTS_KEEP = 10_000
+
+#: Where a consumer group moves a lifecycle event that failed too often (a poison event).
+DEAD_LETTER_STREAM = f"{PREFIX}:dead-letter"
+
+#: The dead-letter stream's cap (`XADD MAXLEN ~`).
+DEAD_LETTER_MAXLEN = 10_000
+
+#: The dotted path of the one callable a tokenrelay worker will execute.
+GENERATE_FUNC = "tokenrelay.worker.generation.generate"
+
+#: RQ callbacks, by dotted path; the only ones a tokenrelay worker will import.
+ON_FAILURE_CALLBACK = "tokenrelay.worker.hooks.on_failure"
+ON_STOPPED_CALLBACK = "tokenrelay.worker.hooks.on_stopped"
+
+
+def token_stream(job_id: str) -> str:
+    """The key of the per-job token stream."""
+    return f"{PREFIX}:{{{job_id}}}:tokens"
+
+
+def stream_state(job_id: str) -> str:
+    """The hash beside a job's stream that fences its writer (the fields of `StateField`)."""
+    return f"{PREFIX}:{{{job_id}}}:state"
+
+
+class StateField(StrEnum):
+    """The fields of a job's stream-state hash, kept by the append scripts only."""
+
+    WRITER = "writer"  # the token of the attempt allowed to append
+    NEXT_SEQ = "next_seq"  # the `seq` the next token entry must have
+    START = "start"  # the entry id of the `start` entry
+    END = "end"  # the entry id of the terminal entry, once written
+    CLOSED_BY = "closed_by"  # the nonce of the call that wrote the terminal entry
+
+
+#: Consumer groups on the lifecycle stream, one per kind of consumer.
+RECORDER_GROUP = "recorder"
+METRICS_GROUP = "metrics"
+
+
+def consumer_stats(group: str) -> str:
+    """The hash of a consumer group's own counters (the fields of `Stat`)."""
+    return f"{PREFIX}:consumer:{group}"
+
+
+class Stat(StrEnum):
+    """The counters of a consumer group's stats hash."""
+
+    EVENTS_HANDLED = "events_handled"  # lifecycle events acknowledged
+    EVENTS_MALFORMED = "events_malformed"  # lifecycle events that could not be parsed
+    EVENTS_TRIMMED = "events_trimmed"  # lifecycle events trimmed before the group read them
+    EVENTS_DEAD = "events_dead"  # lifecycle events moved to the dead-letter stream
+    STREAMS_MISSING = "streams_missing"  # job streams expired or trimmed before they were read
+    STREAMS_MALFORMED = "streams_malformed"  # job streams that broke the protocol
+    TRANSCRIPTS = "transcripts"  # transcripts written (the recorder)
+
+
+#: The hash holding the metrics consumer's aggregates.
+METRICS_STATE = f"{PREFIX}:metrics"
+
+#: The set of model labels the metrics consumer has admitted (bounded; the rest are `other`).
+METRICS_MODELS = f"{PREFIX}:metrics:models"

@@ -1,0 +1,82 @@
+"""Worker processes started by tests, with their logs, stopped (SIGKILL) at the end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class WorkerProcess:
+    """A `tokenrelay worker` child process and its log."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far."""
+        lines = self.log_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def wait(self, timeout: float = 60) -> int:
+        """Wait for the process to exit; its exit code."""
+        return self.process.wait(timeout=timeout)
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the worker process."""
+        self.process.send_signal(signum)
+
+    def horse_pid(self) -> int:
+        """The pid of the work horse, the child process that runs the current job."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process ended while we looked
+            if int(fields[1]) == self.process.pid:
+                return int(stat.parent.name)
+        raise AssertionError(f"worker {self.process.pid} has no work horse")
+
+
+@dataclass
+class Workers:
+    """Starts worker processes for a test and stops them all afterwards."""
+
+    env: dict[str, str]
+    directory: Path
+    started: list[WorkerProcess] = field(default_factory=list)
+
+    def start(
+        self, *args: str, burst: bool = False, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        """Start `tokenrelay worker` with the test's environment (plus `env`)."""
+        log_path = self.directory / f"worker-{len(self.started)}.log"
+        command = [sys.executable, "-m", "tokenrelay", "worker", *args]
+        if burst:
+            command.append("--burst")
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, env={**self.env, **(env or {})}, stdout=log, stderr=log
+            )
+        worker = WorkerProcess(process, log_path)
+        self.started.append(worker)
+        return worker
+
+    def run_burst(
+        self, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        """Run a burst worker until the queue is empty."""
+        worker = self.start(*args, burst=True, env=env)
+        assert worker.wait(timeout) == 0, worker.log_path.read_text()
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGKILL)
+            worker.process.wait()
