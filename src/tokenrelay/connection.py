@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis import Redis
@@ -12,7 +13,7 @@ from redis.connection import BlockingConnectionPool
 from redis.exceptions import AuthenticationError, MaxConnectionsError, ResponseError
 
 from tokenrelay.errors import ConfigurationError, RedisUnavailableError
-from tokenrelay.settings import redact_url
+from tokenrelay.settings import Settings, redact_url
 
 #: Seconds to wait for a TCP connection, and for any reply (a blocking read asks for longer).
 CONNECT_TIMEOUT = 5.0
@@ -55,14 +56,14 @@ def redis_errors(url: str) -> Iterator[None]:
         yield
     except MaxConnectionsError as exc:
         raise RedisUnavailableError(f"Redis at {where}: {exc}") from exc
-    except AuthenticationError as exc:
-        raise ConfigurationError(f"Redis at {where} refused the password: {exc}") from exc
-    except ResponseError as exc:
-        if not str(exc).startswith(_NEEDS_AUTH):
+    except (AuthenticationError, ResponseError) as exc:
+        if not isinstance(exc, AuthenticationError) and not str(exc).startswith(_NEEDS_AUTH):
             raise
+        if urlsplit(url).password:
+            raise ConfigurationError(f"Redis at {where} refused the password") from None
         raise ConfigurationError(
             f"Redis at {where} needs a password: put it in the URL (redis://:PASSWORD@host:port/0)"
-        ) from exc
+        ) from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise RedisUnavailableError(f"cannot reach Redis at {where}: {exc}") from exc
 
@@ -92,3 +93,8 @@ def connect(
         with redis_errors(url):
             client.ping()
     return client
+
+
+def client_for(settings: Settings) -> Redis:
+    """A checked client for the configured Redis, with the configured connection bound."""
+    return connect(settings.effective_redis_url, max_connections=settings.redis_max_connections)

@@ -361,3 +361,14 @@ def test_serve_metrics_logs_the_summary_when_not_on_a_terminal(redis_client: Red
     assert out.getvalue() == ""
     summary = next(line for line in logs if line["event"] == "metrics.summary")
     assert set(summary) >= {"models", "all", "consumers"}
+
+
+def test_model_labels_are_a_bounded_set_and_the_rest_count_as_other(redis_client: Redis) -> None:
+    """Submitters name models; past the bound, new names fold into `other`, nothing is lost."""
+    for i in range(5):
+        fake_job(redis_client, f"j{i}", f"model-{i}")
+    aggregator = MetricsAggregator(redis_client, max_models=2)
+    GroupConsumer(redis_client, METRICS_GROUP, "m1").run_until_idle(aggregator)
+    finished = read_aggregates(redis_client).counters["jobs_finished"]
+    assert finished == {("model-0",): 1, ("model-1",): 1, ("other",): 3}
+    assert redis_client.scard("tokenrelay:metrics:models") == 2

@@ -41,6 +41,12 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"prompt": "a", "metadata": {1: "v"}}, "string keys"),
     ({"prompt": "a", "metadata": {"k": "v" * 20_000}}, "the limit is 16,384"),
     ({"prompt": "bad \ud800 text"}, "lone surrogate at position 4"),
+    ({"prompt": "a", "metadata": {"k": float("nan")}}, "metadata.'k' holds nan, which is not JSON"),
+    ({"prompt": "a", "metadata": {"k": [float("inf")]}}, "holds inf, which is not JSON"),
+    (
+        {"prompt": "a", "job_id": "x" * 10_000},
+        "job_id 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... is not",
+    ),
 ]
 
 
@@ -51,6 +57,18 @@ def test_bad_input_is_refused_before_anything_is_queued(
     """Each kind of bad input raises InvalidRequestError naming the problem; Redis stays empty."""
     with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):
         relay.submit(**kwargs)
+    assert redis_client.dbsize() == 0
+
+
+def test_metadata_nested_thousands_deep_is_refused_without_a_recursion_error(
+    relay: Relay, redis_client: Redis
+) -> None:
+    """Metadata nested 5,000 deep is a clear refusal, not a RecursionError from the JSON encoder."""
+    deep: Any = "leaf"
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(InvalidRequestError, match=r"metadata\.'k' nests deeper than 32 levels"):
+        relay.submit("a", metadata={"k": deep})
     assert redis_client.dbsize() == 0
 
 
@@ -129,3 +147,43 @@ def test_submit_many_pipelines_a_batch(relay: Relay, redis_client: Redis) -> Non
     assert relay.queue.count == 25
     assert relay.queue.job_ids == [h.job_id for h in handles]
     assert redis_client.xlen("tokenrelay:events") == 25
+
+
+def test_one_job_id_submitted_concurrently_is_queued_once(
+    redis_client: Redis, settings: Settings, redis_url: str
+) -> None:
+    """Many submitters racing with one id, from their own connections: exactly one succeeds."""
+    import threading
+
+    from tokenrelay.connection import connect
+
+    rounds, submitters = 30, 8
+    for round_ in range(rounds):
+        job_id = f"contested-{round_}"
+        outcomes: list[str] = []
+        barrier = threading.Barrier(submitters)
+
+        def submit(
+            job_id: str = job_id,
+            barrier: threading.Barrier = barrier,
+            outcomes: list[str] = outcomes,
+        ) -> None:
+            relay = Relay(connect(redis_url), settings)
+            barrier.wait(timeout=10)
+            try:
+                relay.submit("hi", job_id=job_id)
+                outcomes.append("queued")
+            except InvalidRequestError:
+                outcomes.append("refused")
+            finally:
+                relay.close()
+
+        threads = [threading.Thread(target=submit) for _ in range(submitters)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(outcomes) == ["queued"] + ["refused"] * (submitters - 1)
+    queue = Relay(redis_client, settings).queue
+    assert queue.count == rounds
+    assert len(set(queue.job_ids)) == rounds

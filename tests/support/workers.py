@@ -31,6 +31,13 @@ class WorkerProcess:
         """Send a signal to the worker process."""
         self.process.send_signal(signum)
 
+    def job_pid(self) -> int | None:
+        """The process generating: the work horse while there is one, else the worker itself."""
+        try:
+            return self.horse_pid()
+        except AssertionError:
+            return None
+
     def horse_pid(self) -> int:
         """The pid of the work horse, the child process that runs the current job."""
         for stat in Path("/proc").glob("[0-9]*/stat"):

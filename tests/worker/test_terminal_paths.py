@@ -156,6 +156,7 @@ def test_a_killed_worker_leaves_an_abandoned_job_that_the_cleanup_ends(
     live.clean_registries()  # a live worker's periodic maintenance
     error = the_error(redis_client, handle)
     assert error.error_type == "AbandonedJobError"
+    assert error.message == "the worker running the job died or vanished (its heartbeat lapsed)"
     assert error.retryable
     assert rq_status(redis_client, handle.job_id) == "failed"
 
@@ -201,6 +202,8 @@ def test_cancelling_a_queued_job_means_it_never_runs(
     assert only.entry.error_type == "cancelled"
     assert rq_status(redis_client, handle.job_id) == "canceled"
     assert lifecycle(redis_client, handle.job_id) == [Event.SUBMITTED, Event.CANCELLED]
+    job_ttl = redis_client.ttl(f"rq:job:{handle.job_id}")  # RQ alone would keep it forever
+    assert 0 < job_ttl <= relay.settings.stream_ttl
 
 
 def test_a_warm_shutdown_finishes_the_running_job(

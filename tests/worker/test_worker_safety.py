@@ -39,3 +39,32 @@ def test_a_pickled_job_is_never_unpickled(
     assert not marker.exists()
     raw_status = redis_client.hget(job.key, "status")
     assert raw_status == b"failed"
+
+
+def test_a_forged_payload_is_refused_with_an_error_entry_and_its_stream_kept(
+    redis_client: Redis, workers: Workers
+) -> None:
+    """A job written straight into Redis gets the checks `submit` makes; RQ records the failure."""
+    from support.streams import rq_status, terminal_entries
+
+    from tokenrelay import ErrorEntry
+    from tokenrelay.stream.keys import GENERATE_FUNC, token_stream
+
+    queue = Queue("tokenrelay", connection=redis_client, serializer=JSONSerializer)
+    forged = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 10**9,
+        "temperature": 99,
+        "stream_ttl": -5,
+    }
+    job = queue.enqueue(GENERATE_FUNC, forged, job_id="forged")
+    sane_but_huge = {**forged, "stream_ttl": 60}
+    huge = queue.enqueue(GENERATE_FUNC, sane_but_huge, job_id="huge")
+    workers.run_burst()
+    for job_id, reason in ((job.id, "stream_ttl must be between 1"), (huge.id, "max_tokens")):
+        [entry] = terminal_entries(redis_client, job_id)
+        assert isinstance(entry, ErrorEntry)
+        assert (entry.error_type, entry.retryable) == ("InvalidRequestError", False)
+        assert reason in entry.message
+        assert redis_client.ttl(token_stream(job_id)) > 0  # kept, with a sane expiry
+        assert rq_status(redis_client, job_id) == "failed"

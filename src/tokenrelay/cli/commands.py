@@ -11,7 +11,7 @@ import sys
 import threading
 
 from tokenrelay.cli.progress import Progress
-from tokenrelay.connection import connect
+from tokenrelay.connection import client_for
 from tokenrelay.consumer.viewer import view
 from tokenrelay.errors import InvalidRequestError
 from tokenrelay.producer.batch import load_batch
@@ -124,8 +124,15 @@ def cmd_record(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.consumer.group import GroupConsumer
     from tokenrelay.consumer.recorder import Recorder
 
-    client = connect(settings.effective_redis_url)
-    consumer = GroupConsumer(client, keys.RECORDER_GROUP, args.name, claim_after=args.claim_after)
+    client = client_for(settings)
+    consumer = GroupConsumer(
+        client,
+        keys.RECORDER_GROUP,
+        args.name,
+        claim_after=args.claim_after,
+        max_deliveries=args.max_deliveries,
+        retry_delay=args.retry_delay,
+    )
     recorder = Recorder(client, args.dir)
     if args.once:
         consumer.run_until_idle(recorder)
@@ -138,7 +145,7 @@ def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.consumer.exporter import serve_metrics
 
     serve_metrics(
-        connect(settings.effective_redis_url),
+        client_for(settings),
         host=args.host,
         port=args.port,
         consumer=args.name,
@@ -146,6 +153,8 @@ def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
         stop=_stop_on_signals(),
         out=sys.stdout,
         claim_after=args.claim_after,
+        max_deliveries=args.max_deliveries,
+        retry_delay=args.retry_delay,
     )
     return EXIT_OK
 
@@ -153,7 +162,7 @@ def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.status import collect_status, render
 
-    client = connect(settings.effective_redis_url)
+    client = client_for(settings)
     status = collect_status(client, args.queue or [settings.queue])
     if args.json:
         print(json.dumps(status.as_dict(), indent=2))

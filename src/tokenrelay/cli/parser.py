@@ -25,6 +25,24 @@ def _meta(raw: str) -> tuple[str, str]:
     return key, value
 
 
+def _poison_options(p: argparse.ArgumentParser) -> None:
+    """The options of a consumer group member for events its handler fails on."""
+    p.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="move an event that failed N times to tokenrelay:dead-letter (default 5)",
+    )
+    p.add_argument(
+        "--retry-delay",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="wait this long before trying a failed event again, doubling each time (default 1)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the `tokenrelay` command."""
     top = argparse.ArgumentParser(
@@ -107,6 +125,7 @@ def parser() -> argparse.ArgumentParser:
         help="take over events another recorder left unfinished this long (default 60)",
     )
     p.add_argument("--once", action="store_true", help="record what has ended so far, then exit")
+    _poison_options(p)
     p.set_defaults(run=commands.cmd_record)
 
     p = sub.add_parser("metrics", help="aggregate job metrics and serve them to Prometheus")
@@ -127,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="take over events another aggregator left unfinished this long",
     )
+    _poison_options(p)
     p.set_defaults(run=commands.cmd_metrics)
 
     p = sub.add_parser("status", help="queues, workers, jobs in flight, failures, consumer lag")

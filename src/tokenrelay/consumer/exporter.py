@@ -278,6 +278,8 @@ def serve_metrics(
     stop: threading.Event,
     out: TextIO,
     claim_after: float = 60.0,
+    max_deliveries: int = 5,
+    retry_delay: float = 1.0,
 ) -> None:
     """Serve /metrics on host:port, aggregate the lifecycle stream, summarize; until `stop`.
 
@@ -292,7 +294,14 @@ def serve_metrics(
     if interval > 0:
         summary.start()
     try:
-        group = GroupConsumer(client, keys.METRICS_GROUP, consumer, claim_after=claim_after)
+        group = GroupConsumer(
+            client,
+            keys.METRICS_GROUP,
+            consumer,
+            claim_after=claim_after,
+            max_deliveries=max_deliveries,
+            retry_delay=retry_delay,
+        )
         group.run(MetricsAggregator(client), stop)
     finally:
         done.set()

@@ -44,12 +44,21 @@ def find_redis_server() -> Path:
 class RedisServer:
     """A `redis-server` child process that keeps nothing on disk; stopped on exit."""
 
-    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, *, appendonly: bool = False, password: str | None = None
+    ) -> None:
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self._appendonly = appendonly
+        self._password = password
         self._dir = tempfile.TemporaryDirectory(prefix="tokenrelay-redis-")
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs."""
+        return self._process.pid if self._process is not None else None
 
     def start(self) -> RedisServer:
         """Start the server and wait until it answers PING."""
@@ -57,6 +66,8 @@ class RedisServer:
         args = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--dir", self._dir.name, "--save", "", "--daemonize", "no"]
         args += ["--appendonly", "yes" if self._appendonly else "no"]
+        if self._password:
+            args += ["--requirepass", self._password]
         self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_until_ready()
         log.info("redis.started", url=self.url, binary=str(binary), pid=self._process.pid)
@@ -65,7 +76,7 @@ class RedisServer:
     def _wait_until_ready(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + _STARTUP_TIMEOUT
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self._password, socket_connect_timeout=1)
         try:
             while time.monotonic() < deadline:
                 if self._process.poll() is not None:

@@ -13,7 +13,7 @@ from rq import Callback, Queue
 from rq.queue import EnqueueData
 from rq.serializers import JSONSerializer
 
-from tokenrelay.connection import connect, redis_errors
+from tokenrelay.connection import client_for, redis_errors
 from tokenrelay.errors import InvalidRequestError
 from tokenrelay.producer.handle import JobHandle
 from tokenrelay.producer.request import STREAM_TTL_FIELD, GenerationRequest, build_request
@@ -42,8 +42,7 @@ class Relay:
     def from_env(cls, settings: Settings | None = None) -> Relay:
         """A relay connected to the configured Redis; raises RedisUnavailableError if down."""
         settings = settings or Settings.from_env()
-        url = settings.effective_redis_url
-        return cls(connect(url, max_connections=settings.redis_max_connections), settings)
+        return cls(client_for(settings), settings)
 
     def close(self) -> None:
         """Release the Redis connections."""

@@ -14,7 +14,7 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from tokenrelay.connection import connect
+from tokenrelay.connection import client_for
 from tokenrelay.errors import UnsafeJobError
 from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
@@ -144,7 +144,7 @@ def run_worker(
     name: str | None = None,
 ) -> None:
     """Work on the queues until stopped (or, with `burst`, until they are empty)."""
-    client = connect(settings.effective_redis_url, max_connections=settings.redis_max_connections)
+    client = client_for(settings)
     worker = RelayWorker(
         queues or [settings.queue], connection=client, settings=settings, name=name
     )
