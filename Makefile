@@ -4,6 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
+# llama-cpp-python compiles llama.cpp for the CPU it is built on (-march=native), and pip caches
+# the wheel by version alone: reused on another CPU it dies of SIGILL. So it is built here, once
+# per CPU (its feature flags), compiler and version, into a cache of our own that pip only reads.
+LLAMA := $(shell grep -o 'llama-cpp-python\[server\]==[0-9.]*' pyproject.toml | cut -d= -f3)
+CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo; $${CC:-cc} --version | head -1; echo $(LLAMA)) | cksum | cut -d' ' -f1)
+WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tokenrelay/wheels/llama-$(LLAMA)-$(CPU_KEY)
+
 .PHONY: demo test check lint typecheck unit install bench clean
 
 demo: $(STAMP)  ## run the demo: Redis, a model, a worker, one generation streamed live
@@ -25,13 +32,22 @@ unit: $(STAMP)
 
 bench: $(STAMP)  ## the benchmarks under bench/ (results: bench/RESULTS.md)
 	$(BIN)/python -m bench.relay_overhead
+	$(BIN)/python -m bench.local_model
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(WHEELS)/.built
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,local]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --find-links $(WHEELS) \
+		-e '.[dev,local]'
 	rm -f $(VENV)/.installed-* && touch $@
+
+$(WHEELS)/.built:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "building llama-cpp-python $(LLAMA) for this CPU (about 5 minutes, once) into $(WHEELS)"
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+		-w $(WHEELS) 'llama-cpp-python==$(LLAMA)'
+	touch $@
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

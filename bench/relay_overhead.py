@@ -9,17 +9,18 @@ Redis, not a model. It prints a Markdown section for bench/RESULTS.md.
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from redis import Redis
 
-from tokenrelay import Relay, Settings, TokenEntry
+from bench.machine import describe
+from tokenrelay import Relay, Settings, StartEntry, TokenEntry
 from tokenrelay.connection import connect
 from tokenrelay.dev.redis_server import RedisServer
 from tokenrelay.stream.writer import StreamWriter
@@ -44,6 +45,8 @@ def percentile(values: list[float], q: float) -> float:
 def bench_appends(client: Redis) -> dict[str, float]:
     """Sequential token appends by one writer: the per-token cost on the worker's hot path."""
     writer = StreamWriter(client, "bench-appends", ttl=600)
+    start = StartEntry("bench-appends", "m", 1, None, time.time(), "bench", APPENDS, 1)
+    writer.start(replace(start, writer=writer.writer_token))
     started = time.perf_counter()
     for i in range(APPENDS):
         writer.token(f" tok{i}")
@@ -99,15 +102,6 @@ def bench_submit(relay: Relay) -> dict[str, float]:
     return {"jobs_per_s": BATCH / elapsed}
 
 
-def machine(client: Redis) -> str:
-    """One line that says what ran the benchmark."""
-    redis_version = client.info("server")["redis_version"]
-    return (
-        f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, Redis {redis_version}"
-    )
-
-
 def main() -> None:
     """Run every benchmark and print a Markdown section."""
     scripts = {
@@ -131,9 +125,9 @@ def main() -> None:
         client.flushdb()
         submit = bench_submit(relay)
         when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        print(f"## {when}\n\n{machine(client)}\n")  # noqa: T201  (a report)
-        print("| benchmark | result |\n|---|---|")  # noqa: T201
-        print(  # noqa: T201
+        print(f"## {when}\n\n{describe(client.info('server')['redis_version'])}\n")
+        print("| benchmark | result |\n|---|---|")
+        print(
             f"| token append, one writer ({APPENDS:,} appends) | "
             f"{appends['us_per_token']:.0f} µs/token ({appends['tokens_per_s']:,.0f} tokens/s) |\n"
             f"| one job, {STREAM_TOKENS:,} tokens, server → worker → Redis | "

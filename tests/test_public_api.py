@@ -37,5 +37,6 @@ def test_the_api_is_small() -> None:
         "JobNotFoundError",
         "JobFailedError",
         "StreamTimeoutError",
+        "StreamExpiredError",
         "ProtocolError",
     }

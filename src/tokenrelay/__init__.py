@@ -7,6 +7,7 @@ from tokenrelay.errors import (
     JobNotFoundError,
     ProtocolError,
     RedisUnavailableError,
+    StreamExpiredError,
     StreamTimeoutError,
     TokenRelayError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Result",
     "Settings",
     "StartEntry",
+    "StreamExpiredError",
     "StreamTimeoutError",
     "TokenEntry",
     "TokenRelayError",

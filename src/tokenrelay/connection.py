@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -9,8 +11,10 @@ from urllib.parse import urlsplit
 
 import redis
 from redis import Redis
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import BlockingConnectionPool
 from redis.exceptions import AuthenticationError, MaxConnectionsError, ResponseError
+from redis.retry import Retry
 
 from tokenrelay.errors import ConfigurationError, RedisUnavailableError
 from tokenrelay.settings import Settings, redact_url
@@ -22,6 +26,9 @@ REPLY_TIMEOUT = 10.0
 #: Seconds a caller waits for a free connection when every one of the pool's is in use.
 POOL_WAIT = 5.0
 
+#: How often a command is sent again after its connection broke.
+RETRIES = 3
+
 #: Connections per client unless configured (TOKENRELAY_REDIS_MAX_CONNECTIONS).
 DEFAULT_MAX_CONNECTIONS = 1000
 
@@ -29,7 +36,17 @@ _NEEDS_AUTH = ("NOAUTH", "HELLO must be called with the client already authentic
 
 
 class _BoundedPool(BlockingConnectionPool):
-    """A pool that makes callers wait for a free connection, then says it ran out."""
+    """A pool that makes callers wait for a free connection, then says it ran out.
+
+    A reader with a deadline asks for a connection `within` some seconds: one that has to be
+    made is then made (TCP and redis-py's handshake) within them, and is dropped when it comes
+    back, so its shortened timeouts never reach another caller.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # unannotated
+        self._within = threading.local()
+        self._hurried: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -42,6 +59,30 @@ class _BoundedPool(BlockingConnectionPool):
                 f"all {self.max_connections} connections of this client are in use "
                 f"(waited {POOL_WAIT:g} s for one; raise TOKENRELAY_REDIS_MAX_CONNECTIONS)"
             ) from None
+
+    def get_connection_within(self, seconds: float) -> Any:
+        """A connection, connected within `seconds` if it has to be made now."""
+        self._within.seconds = seconds
+        try:
+            return self.get_connection()
+        finally:
+            self._within.seconds = None
+
+    def make_connection(self) -> Any:
+        connection = super().make_connection()  # type: ignore[no-untyped-call]  # unannotated
+        seconds = getattr(self._within, "seconds", None)
+        if seconds is not None:
+            connection.socket_timeout = connection.socket_connect_timeout = seconds
+            self._hurried.add(connection)
+        return connection
+
+    def release(self, connection: Any) -> None:
+        if connection in self._hurried:
+            self._hurried.discard(connection)
+            connection.disconnect()
+            connection.socket_timeout = self.connection_kwargs["socket_timeout"]
+            connection.socket_connect_timeout = self.connection_kwargs["socket_connect_timeout"]
+        super().release(connection)  # type: ignore[no-untyped-call]  # unannotated in redis-py
 
 
 @contextmanager
@@ -85,6 +126,14 @@ def connect(
             socket_timeout=REPLY_TIMEOUT,
             decode_responses=False,
             protocol=2,  # the reply shapes RQ and our scripts are written against, on any Redis
+            # A command whose connection broke is sent again on a new one (every tokenrelay
+            # write is idempotent under a retry); a command that timed out is not, so that
+            # deadlines hold.
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+                RETRIES,
+                supported_errors=(redis.ConnectionError,),
+            ),
         )
     except ValueError as exc:
         raise RedisUnavailableError(f"invalid Redis URL {redact_url(url)}: {exc}") from None

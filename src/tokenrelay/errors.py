@@ -2,7 +2,9 @@
 
 TokenRelayError
 ├── ConfigurationError      a setting is missing or malformed
+├── LocalModelError         the local model server did not start, or died
 ├── InvalidRequestError     a generation request was refused before anything was queued
+│   └── BatchInterruptedError   a batch stopped partway; the jobs queued before are in `.queued`
 ├── RedisUnavailableError   Redis cannot be reached at the configured URL
 ├── JobNotFoundError        no job (and no stream) exists under that id
 │   └── StreamExpiredError      the stream disappeared (expired, deleted) while being read
@@ -18,7 +20,7 @@ TokenRelayError
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenrelay.stream.protocol import ErrorEntry
@@ -32,8 +34,23 @@ class ConfigurationError(TokenRelayError):
     """A setting is missing or malformed."""
 
 
+class LocalModelError(TokenRelayError):
+    """The local model server (`tokenrelay llm serve`, the demo's) did not start, or died."""
+
+
 class InvalidRequestError(TokenRelayError, ValueError):
     """A generation request was refused before anything was queued."""
+
+
+class BatchInterruptedError(InvalidRequestError):
+    """A batch stopped partway (another submitter took one of its job ids meanwhile).
+
+    The jobs queued before the failing chunk stay queued; their handles are in `queued`.
+    """
+
+    def __init__(self, message: str, queued: list[Any]) -> None:
+        super().__init__(message)
+        self.queued = queued
 
 
 class RedisUnavailableError(TokenRelayError):

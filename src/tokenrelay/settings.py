@@ -138,6 +138,7 @@ class Settings:
     max_prompt_chars: int = _env("TOKENRELAY_MAX_PROMPT_CHARS", 200_000, _positive_int)
     job_timeout: int = _env("TOKENRELAY_JOB_TIMEOUT", 600, _positive_int)
     stream_ttl: int = _env("TOKENRELAY_STREAM_TTL", 86_400, _positive_int)
+    events_max_len: int = _env("TOKENRELAY_EVENTS_MAX_LEN", 1_000_000, _positive_int)
     llm_timeout: float = _env("TOKENRELAY_LLM_TIMEOUT", 60.0, _non_negative_float)
     llm_max_retries: int = _env("TOKENRELAY_LLM_MAX_RETRIES", 2, int)
     max_tokens_param: MaxTokensParam = _env(

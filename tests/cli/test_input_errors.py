@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
+from tokenrelay.connection import connect
 from tokenrelay.dev.redis_server import RedisServer
 
 
@@ -32,7 +33,7 @@ def refused(done: subprocess.CompletedProcess[bytes], redis_client: Redis) -> st
     assert done.returncode == 2, text
     assert text.count("\n") == 1, text
     assert "Traceback" not in text
-    assert redis_client.dbsize() == 0
+    assert redis_client.dbsize() == 0  # the Redis the command was pointed at
     return text.strip()
 
 
@@ -90,10 +91,12 @@ def test_a_redis_url_whose_database_is_not_a_number_is_refused(
 def test_a_redis_that_needs_a_password_says_so(env: dict[str, str], redis_client: Redis) -> None:
     """No password, or a wrong one, for a Redis that requires one: say what to put in the URL."""
     with RedisServer(password="s3cret") as locked:
+        locked_client = connect(locked.url)
         bare = locked.url.replace(":s3cret@", "")
-        line = refused(cli(env, "--redis-url", bare, "submit", "hi"), redis_client)
+        line = refused(cli(env, "--redis-url", bare, "submit", "hi"), locked_client)
         assert "needs a password: put it in the URL (redis://:PASSWORD@host:port/0)" in line
         wrong = locked.url.replace("s3cret", "guess")
-        line = refused(cli(env, "--redis-url", wrong, "submit", "hi"), redis_client)
+        line = refused(cli(env, "--redis-url", wrong, "submit", "hi"), locked_client)
         assert "refused the password" in line
         assert "guess" not in line
+        locked_client.close()

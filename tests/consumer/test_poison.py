@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ def eventually(condition: Any, timeout: float = 30) -> None:
 def dead_letters(client: Redis) -> list[dict[str, str]]:
     """The dead-letter stream's entries, decoded."""
     return [
-        {k.decode(): v.decode() for k, v in fields.items()}
+        {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
         for _, fields in client.xrange(DEAD_LETTER_STREAM)
     ]
 
@@ -130,3 +131,47 @@ def test_dead_letters_are_counted_in_the_metrics(redis_client: Redis) -> None:
     redis_client.hincrby(consumer_stats(METRICS_GROUP), "events_dead", 2)
     text = generate_latest(metrics_registry(redis_client)).decode()
     assert 'tokenrelay_consumer_events_dead_total{group="metrics"} 2.0' in text
+
+
+def test_several_failing_events_are_each_set_aside_after_their_tries(
+    relay: Relay, redis_client: Redis
+) -> None:
+    """Events that fail together are retried in any order and each dead-lettered on time."""
+    handles = relay.submit_many(["a", "b", "c", "d"])
+    poisoned = {handles[1].job_id, handles[3].job_id}
+    consumer = GroupConsumer(redis_client, RECORDER_GROUP, "r", max_deliveries=2, retry_delay=0.01)
+    calls: dict[str, int] = {}
+
+    def handler(delivery: Any, pipe: Any) -> None:
+        job_id = delivery.event.job_id
+        calls[job_id] = calls.get(job_id, 0) + 1
+        if job_id in poisoned:
+            raise OSError(f"no space left for {job_id}")
+
+    stop = threading.Event()
+    runner = threading.Thread(target=consumer.run, args=(handler, stop))
+    runner.start()
+    try:
+        eventually(lambda: len(dead_letters(redis_client)) == 2, timeout=15)
+    finally:
+        stop.set()
+        runner.join(timeout=10)
+    assert {d["event.job_id"] for d in dead_letters(redis_client)} == poisoned
+    assert {calls[job_id] for job_id in poisoned} == {2}
+    assert all(calls[h.job_id] == 1 for h in handles if h.job_id not in poisoned)
+
+
+def test_a_lifecycle_entry_that_is_not_utf8_is_set_aside_not_fatal(
+    relay: Relay, redis_client: Redis
+) -> None:
+    """Bytes that do not decode are a malformed event: dead-lettered as they are, then on."""
+    redis_client.xadd(EVENTS_STREAM, {b"event": b"fin\xffished", b"job\xfe": b"x"})
+    fine = relay.submit("after it")
+    seen: list[str] = []
+    consumer = GroupConsumer(redis_client, RECORDER_GROUP, "r")
+    consumer.run_until_idle(lambda delivery, pipe: seen.append(delivery.event.job_id))
+    assert seen == [fine.job_id]
+    [(_, dead)] = redis_client.xrange(DEAD_LETTER_STREAM)
+    assert dead[b"event.event"] == b"fin\xffished"
+    assert dead[b"event.job\xfe"] == b"x"
+    assert b"not UTF-8" in dead[b"error"]

@@ -14,7 +14,7 @@ from support.scripts import ScriptedLLM
 from support.streams import redis_major
 from support.workers import Workers
 
-from tokenrelay import JobHandle, Relay, TokenEntry
+from tokenrelay import JobHandle, Relay, Settings, TokenEntry
 from tokenrelay.consumer.group import Delivery, GroupConsumer
 from tokenrelay.consumer.recorder import Recorder, write_once
 from tokenrelay.stream.events import group_lags
@@ -356,3 +356,27 @@ def test_a_stopped_recorder_never_slows_the_workers_it_only_builds_lag(
     recorder.send_signal(signal.SIGTERM)
     recorder.communicate(timeout=30)
     assert_complete(directory, handles)
+
+
+def test_events_the_hard_cap_drops_before_a_group_read_them_are_counted(
+    redis_client: Redis, settings: Settings, tmp_path: Path
+) -> None:
+    """With the lifecycle stream at its hard cap, unread events it drops are counted and logged."""
+    from structlog.testing import capture_logs
+
+    consumer = GroupConsumer(redis_client, RECORDER_GROUP, "r")
+    consumer.ensure_group()
+    capped = Relay(redis_client, settings.with_overrides(events_max_len=100))
+    for _ in range(10):
+        capped.submit_many(["x"] * 100)
+    length = redis_client.xlen("tokenrelay:events")
+    assert length < 1000  # the cap bit (XADD MAXLEN ~ trims whole nodes, so about 100 stay)
+    with capture_logs() as logs:
+        handled = consumer.run_until_idle(Recorder(redis_client, tmp_path))
+    assert handled == length
+    if redis_major(redis_client) >= 7:  # Redis 6 does not count what it trims
+        lost = int(redis_client.hget(consumer_stats(RECORDER_GROUP), "events_trimmed") or 0)
+        assert lost == 1000 - length
+        assert [e["events"] for e in logs if e["event"] == "consumer.events_trimmed_unread"] == [
+            lost
+        ]

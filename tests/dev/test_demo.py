@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,3 +101,27 @@ def test_with_no_model_configured_the_demo_runs_the_local_model_and_stops_it(
     assert "finished (" in done.stderr
     started = next(json.loads(line) for line in done.stderr.splitlines() if '"llm.started"' in line)
     assert not Path(f"/proc/{started['pid']}").exists()  # the model server was stopped
+
+
+def test_a_model_server_that_dies_is_reported_with_its_signal_and_log(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The local model crashing (a SIGSEGV sent to it here) is said plainly, with its log."""
+    offline = {k: v for k, v in env.items() if not k.startswith("OPENAI_")}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "demo", "Write a long story.",
+         "--max-tokens", "400", "--transcripts", str(tmp_path)],
+        env=offline, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert demo.stderr is not None
+    lines = []
+    for line in demo.stderr:
+        lines.append(line)
+        if '"llm.started"' in line:
+            os.kill(json.loads(line)["pid"], signal.SIGSEGV)
+            break
+    rest = demo.communicate(timeout=180)[1]
+    err = "".join(lines) + rest
+    assert demo.returncode == 1, err
+    assert "the local model server died: it was killed by signal 11 (SIGSEGV)" in err
+    assert "its log ends:" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from support.workers import Workers
 
 from tokenrelay import ConfigurationError, EndEntry, Relay, StartEntry, TokenEntry
 from tokenrelay.dev.local_model import MODEL_NAME, LocalModelServer, bundled_model_path
+from tokenrelay.errors import LocalModelError
 
 #: What must never reach a reader: the prompt's headings and the model's special tokens.
 MARKUP = ("###", "<start_of_", "<end_of_", "<eos>", "<bos>", "</s>", "<pad>", "<unused", "[multi")
@@ -24,9 +26,36 @@ START_OF_IMAGE = 255999
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LocalModelServer]:
-    """One local model server for the module."""
+    """One local model server for the module; it must still be alive after each test."""
     with LocalModelServer() as started:
         yield started
+
+
+@pytest.fixture(autouse=True)
+def server_survives(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail any test after which the module's model server has died (a crash, on any CPU)."""
+    yield
+    if "server" in request.fixturenames:
+        request.getfixturevalue("server").check_alive()
+
+
+def test_models_load_without_extra_buffers_exactly_where_amx_is_compiled_in() -> None:
+    """The launcher turns llama.cpp's extra buffer types off on AMX builds, and only there.
+
+    With them on, an AMX build crashes on its first prompt (GCC 12 miscompiles the AMX tile
+    set-up); without AMX they mean AVX2 weight repacking, which is worth keeping.
+    """
+    probe = (
+        "import llama_cpp.llama_cpp as c, tokenrelay.dev.llama_server as s;"
+        "print(s.AMX_COMPILED_IN, s.model_params().use_extra_bufts,"
+        " b'AMX_INT8 = 1' in c.llama_print_system_info())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    amx, extra_buffers, reported = done.stdout.split()
+    assert amx == reported
+    assert extra_buffers == str(amx == "False")
 
 
 @pytest.fixture
@@ -96,7 +125,7 @@ def test_the_server_starts_answers_and_stops_cleanly() -> None:
 def test_a_server_that_cannot_load_its_model_fails_with_its_log(tmp_path: Path) -> None:
     """A model that cannot load fails start with llama.cpp's own reason, not a timeout."""
     server = LocalModelServer(tmp_path / "missing.gguf")
-    with pytest.raises(ConfigurationError, match="Model path does not exist"):
+    with pytest.raises(LocalModelError, match="exited with status 1 at start; its log ends"):
         server.start(timeout=60)
     assert server.pid is None
 

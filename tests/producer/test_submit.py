@@ -187,3 +187,21 @@ def test_one_job_id_submitted_concurrently_is_queued_once(
     queue = Relay(redis_client, settings).queue
     assert queue.count == rounds
     assert len(set(queue.job_ids)) == rounds
+
+
+def test_a_batch_interrupted_by_a_taken_id_says_which_jobs_were_queued(
+    relay: Relay, redis_client: Redis
+) -> None:
+    """Another submitter takes an id of a later chunk meanwhile: the queued jobs are handed back."""
+    from tokenrelay.errors import BatchInterruptedError
+
+    items = [{"prompt": f"p{i}", "job_id": f"b{i}"} for i in range(6)]
+
+    def someone_else_takes_b4(queued: int) -> None:
+        if queued == 3:
+            relay.submit("theirs", job_id="b4")
+
+    with pytest.raises(BatchInterruptedError, match="job id 'b4' is already in use") as caught:
+        relay.submit_many(items, chunk_size=3, progress=someone_else_takes_b4)
+    assert [h.job_id for h in caught.value.queued] == ["b0", "b1", "b2"]
+    assert sorted(relay.queue.job_ids) == ["b0", "b1", "b2", "b4"]

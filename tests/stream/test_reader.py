@@ -110,3 +110,29 @@ def test_a_relay_out_of_connections_says_so(redis_client: Redis, settings: Setti
     for records in held:
         records.close()
     relay.close()
+
+
+def test_a_fresh_reader_of_a_frozen_redis_still_times_out_on_time(
+    own_redis: RedisServer, frozen_client: Redis, settings: Settings
+) -> None:
+    """A reader that starts (and connects) while Redis is stopped keeps its deadline too."""
+    begun(frozen_client, "cold")
+    relay = Relay(connect(own_redis.url, check=False), settings)  # no connection made yet
+    assert own_redis.pid is not None
+    os.kill(own_redis.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(StreamTimeoutError):
+        relay.job("cold").result(timeout=2)
+    assert time.monotonic() - started < 2.5
+
+
+def test_resuming_after_the_terminal_entry_returns_at_once(redis_client: Redis) -> None:
+    """A reader resuming from the last entry of an ended stream gets nothing, without waiting."""
+    from tokenrelay import EndEntry
+
+    writer = begun(redis_client, "done")
+    assert writer.close(EndEntry("stop", 1))
+    *_, end = read_stream(redis_client, "done", timeout=5)
+    started = time.monotonic()
+    assert list(read_stream(redis_client, "done", after=end.id)) == []
+    assert time.monotonic() - started < 1

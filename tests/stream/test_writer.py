@@ -168,3 +168,26 @@ def test_every_reader_refuses_a_stream_that_breaks_the_rules(redis_client: Redis
         list(read_stream(redis_client, "gappy", timeout=5))
     with pytest.raises(ProtocolError, match="token 2 expected, got 1 \\(a token is repeated\\)"):
         list(scan_stream(redis_client, "repeated"))
+
+
+def test_a_writer_whose_state_vanished_stops_and_the_stream_can_still_be_ended(
+    redis_client: Redis,
+) -> None:
+    """State evicted or deleted under a writer: its appends stop; a clean-up still ends it."""
+    writer = begun(redis_client, "unfenced")
+    writer.token("a")
+    redis_client.delete(stream_state("unfenced"))
+    with pytest.raises(StreamClosedError, match="is gone"):
+        writer.token("b")
+    assert close_stream(redis_client, "unfenced", ErrorEntry("Lost", "state gone", True), ttl=60)
+    assert texts(redis_client, "unfenced") == ["a"]
+    assert [type(e) for e in terminal_entries(redis_client, "unfenced")] == [ErrorEntry]
+
+
+def test_an_append_never_recreates_a_stream_that_vanished(redis_client: Redis) -> None:
+    """Stream deleted under its writer: the next append is refused, not a headless new stream."""
+    writer = begun(redis_client, "deleted")
+    redis_client.delete(token_stream("deleted"))
+    with pytest.raises(StreamClosedError):
+        writer.token("orphan")
+    assert not redis_client.exists(token_stream("deleted"))

@@ -36,7 +36,7 @@ def tokens_written(client: Redis, job_id: str) -> int:
 def test_the_process_running_a_job_does_not_grow_with_its_tokens(
     relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
 ) -> None:
-    """From 4,000 to 30,000 tokens, the generating process grows by far less than 1 kB a token."""
+    """From 4,000 to 30,000 tokens, the generating process grows by its text and no more."""
     total = 32_000
     handle = relay.submit("long", model=llm.script([" x"] * total), max_tokens=total)
     worker = workers.start()
@@ -54,8 +54,9 @@ def test_the_process_running_a_job_does_not_grow_with_its_tokens(
     result = handle.result(timeout=120)
     assert result.end.tokens == total
     growth_kb = samples["late"] - samples["early"]
-    # LangChain's own stream() keeps every chunk: about 3.4 kB a token, 88 MB here.
-    assert growth_kb < 16_000, f"grew {growth_kb} kB over 26,000 tokens"
+    # LangChain's own stream() keeps every chunk: about 3.4 kB a token, 88 MB here. What may
+    # grow is the text (52 kB) and the allocator's noise; 120 kB was measured.
+    assert growth_kb < 2_000, f"grew {growth_kb} kB over 26,000 tokens"
 
 
 def test_the_recorder_reads_a_long_stream_in_pages(redis_client: Redis, tmp_path: Path) -> None:

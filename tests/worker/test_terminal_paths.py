@@ -103,6 +103,8 @@ def test_a_dropped_connection_is_an_error(
     error = the_error(redis_client, handle)
     assert error.error_type == "OpenAIConnectionError"
     assert error.retryable
+    assert error.message.startswith("Connection error talking to the model server at http://")
+    assert "RemoteProtocolError" in error.message  # what actually happened to the connection
 
 
 def test_a_job_timeout_ends_with_one_error_entry(

@@ -9,11 +9,12 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from tokenrelay.cli.progress import Progress
 from tokenrelay.connection import client_for
 from tokenrelay.consumer.viewer import view
-from tokenrelay.errors import InvalidRequestError
+from tokenrelay.errors import BatchInterruptedError, InvalidRequestError
 from tokenrelay.producer.batch import load_batch
 from tokenrelay.producer.handle import JobHandle
 from tokenrelay.producer.relay import Relay
@@ -50,6 +51,14 @@ def _stdin_text() -> str:
         ) from None
 
 
+def _write_ids(handles: list[JobHandle], path: Path | None) -> None:
+    ids = "".join(f"{h.job_id}\n" for h in handles)
+    if path:
+        path.write_text(ids)
+    else:
+        sys.stdout.write(ids)
+
+
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     if (args.prompt is None) == (args.file is None):
         raise InvalidRequestError("give a PROMPT (or - to read it from stdin) or --file, not both")
@@ -57,12 +66,12 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         if args.file is not None:
             items = load_batch(args.file)
             progress = Progress(len(items), sys.stderr, "submitted")
-            handles = relay.submit_many(items, progress=progress)
-            ids = "".join(f"{h.job_id}\n" for h in handles)
-            if args.ids_out:
-                args.ids_out.write_text(ids)
-            else:
-                sys.stdout.write(ids)
+            try:
+                handles = relay.submit_many(items, progress=progress)
+            except BatchInterruptedError as exc:
+                _write_ids(exc.queued, args.ids_out)  # what was queued must not be lost
+                raise
+            _write_ids(handles, args.ids_out)
             return EXIT_OK
         prompt = _stdin_text() if args.prompt == "-" else args.prompt
         messages = None

@@ -15,7 +15,6 @@ from redis import Redis
 
 from tokenrelay.stream import keys
 from tokenrelay.stream.keys import Stat
-from tokenrelay.stream.protocol import text
 
 log = structlog.get_logger()
 
@@ -34,12 +33,13 @@ def dead_letter(
 ) -> None:
     """Move one lifecycle event aside for `group`: dead-letter it, acknowledge it, count it."""
     record: dict[Any, Any] = {
-        "group": group,
-        "event_id": text(entry_id),
-        "deliveries": str(deliveries),
-        "error": error[:_MAX_ERROR],
+        b"group": group,
+        b"event_id": entry_id,
+        b"deliveries": str(deliveries),
+        b"error": error[:_MAX_ERROR],
     }
-    record.update({f"event.{text(k)}": v for k, v in fields.items()})
+    # Kept as bytes: the event may be set aside precisely because it is not UTF-8.
+    record.update({b"event." + k: v for k, v in fields.items()})
     with client.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.DEAD_LETTER_STREAM, record, maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
         pipe.xack(keys.EVENTS_STREAM, group, entry_id)
@@ -48,7 +48,7 @@ def dead_letter(
     log.error(
         "consumer.dead_letter",
         group=group,
-        event_id=text(entry_id),
+        event_id=entry_id.decode(errors="replace"),
         deliveries=deliveries,
         error=error[:_MAX_ERROR],
     )

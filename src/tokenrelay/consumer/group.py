@@ -65,6 +65,12 @@ class Delivery:
 Handler = Callable[[Delivery, Pipeline], None]
 
 
+def _id_order(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id as numbers, which sort as the stream does."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
 def default_consumer_name() -> str:
     """A name unique to this process; give a stable one to resume your own pending events."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -164,15 +170,23 @@ class GroupConsumer:
         return [(entry_id, fields) for entry_id, fields in entries if fields]
 
     def _due(self) -> Entries:
-        """This member's failed events whose retry time has come, delivered again."""
+        """This member's failed events whose retry time has come, delivered to it again.
+
+        An event another member has claimed meanwhile (it waited past `claim_after`) is
+        that member's now, and is left to it.
+        """
         now = time.monotonic()
-        due = [entry_id for entry_id, at in self._retries.items() if at <= now]
+        due = sorted((i for i, at in self._retries.items() if at <= now), key=_id_order)
         if not due:
             return []
-        ids: list[Any] = list(due)
+        for entry_id in due:
+            del self._retries[entry_id]
+        held = self._deliveries(due)
+        mine = [i for i in due if i in held]
+        if not mine:
+            return []
+        ids: list[Any] = mine
         claimed: Any = self.client.xclaim(keys.EVENTS_STREAM, self.group, self.consumer, 0, ids)
-        for entry_id in due:  # claimed again below, or acknowledged meanwhile
-            self._retries.pop(entry_id, None)
         return self._redelivered([(entry_id, fields) for entry_id, fields in claimed if fields])
 
     def _claimed(self) -> Entries:
@@ -191,19 +205,23 @@ class GroupConsumer:
             log.info("consumer.claimed", group=self.group, events=len(claimed))
         return self._redelivered(claimed)
 
+    def _deliveries(self, ids: list[bytes]) -> dict[bytes, int]:
+        """How often each of these events (sorted by id) was delivered, if this member holds it."""
+        counts: Any = self.client.xpending_range(
+            keys.EVENTS_STREAM,
+            self.group,
+            min=ids[0],
+            max=ids[-1],
+            count=len(ids) + len(self._retries) + _BATCH,
+            consumername=self.consumer,
+        )
+        return {item["message_id"]: int(item["times_delivered"]) for item in counts}
+
     def _redelivered(self, entries: Entries) -> Entries:
         """The entries that may be handled again; those delivered too often are dead-lettered."""
         if not entries:
             return entries
-        counts: Any = self.client.xpending_range(
-            keys.EVENTS_STREAM,
-            self.group,
-            min=entries[0][0],
-            max=entries[-1][0],
-            count=len(entries) * 4,
-            consumername=self.consumer,
-        )
-        delivered = {item["message_id"]: int(item["times_delivered"]) for item in counts}
+        delivered = self._deliveries(sorted((i for i, _ in entries), key=_id_order))
         keep = []
         for entry_id, fields in entries:
             times = delivered.get(entry_id, 1)

@@ -22,7 +22,7 @@ from tokenrelay.consumer.viewer import view
 from tokenrelay.dev.local_model import MODEL_NAME, LocalModelServer
 from tokenrelay.dev.processes import free_port, stop_process
 from tokenrelay.dev.redis_server import RedisServer
-from tokenrelay.errors import ConfigurationError, RedisUnavailableError
+from tokenrelay.errors import ConfigurationError, LocalModelError, RedisUnavailableError
 from tokenrelay.producer.relay import Relay
 from tokenrelay.settings import DEFAULT_REDIS_URL, Settings, redact_url
 from tokenrelay.stream.protocol import EndEntry
@@ -55,18 +55,23 @@ def _redis_url(settings: Settings, stack: ExitStack, default_url: str) -> str:
     return default_url
 
 
-def _llm_environment(settings: Settings, stack: ExitStack) -> dict[str, str]:
-    """The environment that points workers at a model: the configured one, else a local one."""
-    if not settings.llm_configured:
-        _say(f"model: no OPENAI_API_KEY or OPENAI_BASE_URL set, starting the local {MODEL_NAME}")
-        try:
-            server = stack.enter_context(LocalModelServer())
-        except ConfigurationError as exc:
-            raise ConfigurationError(
-                f"{exc}; or set OPENAI_API_KEY (for OpenAI) or OPENAI_BASE_URL "
-                "(for any OpenAI-compatible server: vLLM, llama.cpp, Ollama)"
-            ) from None
-        _say(f"model: {server.model} at {server.base_url} (llama.cpp, on this machine)")
+def _local_model(stack: ExitStack) -> LocalModelServer:
+    """The local model server, started for the demo and stopped with it."""
+    _say(f"model: no OPENAI_API_KEY or OPENAI_BASE_URL set, starting the local {MODEL_NAME}")
+    try:
+        server = stack.enter_context(LocalModelServer())
+    except (ConfigurationError, LocalModelError) as exc:
+        raise type(exc)(
+            f"{exc}\nor set OPENAI_API_KEY (for OpenAI) or OPENAI_BASE_URL "
+            "(for any OpenAI-compatible server: vLLM, llama.cpp, Ollama)"
+        ) from None
+    _say(f"model: {server.model} at {server.base_url} (llama.cpp, on this machine)")
+    return server
+
+
+def _llm_environment(settings: Settings, server: LocalModelServer | None) -> dict[str, str]:
+    """The environment that points workers at a model: the configured one, else the local one."""
+    if server is not None:
         return {
             "OPENAI_BASE_URL": server.base_url,
             "OPENAI_API_KEY": "",
@@ -137,7 +142,8 @@ def run_demo(
         signal.signal(signum, _interrupt)
     with ExitStack() as stack:
         url = _redis_url(settings, stack, default_redis_url)
-        env = {**os.environ, **_llm_environment(settings, stack), "TOKENRELAY_REDIS_URL": url}
+        server = None if settings.llm_configured else _local_model(stack)
+        env = {**os.environ, **_llm_environment(settings, server), "TOKENRELAY_REDIS_URL": url}
         log_file = stack.enter_context(
             tempfile.NamedTemporaryFile("w", prefix="tokenrelay-demo-", suffix=".log", delete=False)
         )
@@ -164,5 +170,7 @@ def run_demo(
             _say(_summary(entry))
             return 0
         _say(f"failed: {entry.error_type}: {printable(entry.message)}")
+        if server is not None:
+            server.check_alive()  # a crashed model server says how it died, with its log
         return 1
     raise AssertionError("unreachable")  # pragma: no cover

@@ -23,7 +23,7 @@ from types import FrameType, TracebackType
 import structlog
 
 from tokenrelay.dev.processes import free_port, stop_process
-from tokenrelay.errors import ConfigurationError
+from tokenrelay.errors import ConfigurationError, LocalModelError
 
 log = structlog.get_logger()
 
@@ -118,7 +118,7 @@ def _server_environment() -> dict[str, str]:
 
 
 class LocalModelServer:
-    """A `python -m llama_cpp.server` child process on a free loopback port; stopped on exit."""
+    """llama-cpp-python's server (via `llama_server`) on a free loopback port; stopped on exit."""
 
     def __init__(
         self,
@@ -145,7 +145,7 @@ class LocalModelServer:
         return self._process.pid if self._process is not None else None
 
     def _command(self, model_path: Path, directory: Path) -> list[str]:
-        args = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path)]
+        args = [sys.executable, "-m", "tokenrelay.dev.llama_server", "--model", str(model_path)]
         args += ["--model_alias", self.model, "--host", "127.0.0.1", "--port", str(self.port)]
         args += ["--n_ctx", str(self.n_ctx), "--kv_overrides", *_KV_OVERRIDES]
         # By default a new request cuts off the stream in progress; queue it instead.
@@ -204,10 +204,11 @@ class LocalModelServer:
                 code = self._process.wait(timeout=_POLL_INTERVAL)
             except subprocess.TimeoutExpired:
                 continue
-            raise ConfigurationError(
-                f"the local model server exited at start ({code}); its log ends:\n{self.log_tail()}"
+            raise LocalModelError(
+                f"the local model server {_how_it_ended(code)} at start; its log ends:\n"
+                f"{self.log_tail()}"
             )
-        raise ConfigurationError(
+        raise LocalModelError(
             f"the local model server did not answer within {timeout:g}s; its log ends:\n"
             f"{self.log_tail()}"
         )
@@ -224,6 +225,15 @@ class LocalModelServer:
         finally:
             connection.close()
         return response.status == 200 and self.model.encode() in body
+
+    def check_alive(self) -> None:
+        """Raise LocalModelError, saying how it ended and what it logged, if the server exited."""
+        code = None if self._process is None else self._process.poll()
+        if code is not None:
+            raise LocalModelError(
+                f"the local model server died: it {_how_it_ended(code)}; its log ends:\n"
+                f"{self.log_tail()}"
+            )
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last lines the server wrote to its log."""
@@ -258,6 +268,17 @@ class LocalModelServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _how_it_ended(returncode: int) -> str:
+    """A child's return code in words: "was killed by signal 11 (SIGSEGV)", "exited with 1"."""
+    if returncode < 0:
+        try:
+            name = f" ({signal.Signals(-returncode).name})"
+        except ValueError:
+            name = ""
+        return f"was killed by signal {-returncode}{name}"
+    return f"exited with status {returncode}"
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

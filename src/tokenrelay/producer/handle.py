@@ -100,22 +100,19 @@ class JobHandle:
     ) -> Iterator[Record]:
         """Every entry of the job's stream after `after`, until its terminal entry.
 
-        A `live` reader starts at the newest entry when this is called. Raises
-        JobNotFoundError at once for a job that does not exist (or has expired).
+        A `live` reader starts at the newest entry when reading begins. Raises
+        JobNotFoundError at once for a job that does not exist (or has expired), and
+        StreamTimeoutError once `timeout` seconds have passed, whatever Redis does.
         """
         url = self._settings.effective_redis_url
-        job_key = Job.key_for(self.job_id)
-        with redis_errors(url):
-            if not self._client.exists(self.stream_key, job_key):
-                raise JobNotFoundError(f"no job {self.job_id!r} (it may have expired)")
-            stream = read_stream(
-                self._client,
-                self.job_id,
-                after=after,
-                live=live,
-                timeout=timeout,
-                alive_keys=[job_key],
-            )
+        stream = read_stream(
+            self._client,
+            self.job_id,
+            after=after,
+            live=live,
+            timeout=timeout,
+            alive_keys=[Job.key_for(self.job_id)],
+        )
         return _translated(stream, url)
 
     def tokens(self, *, after: str = BEGINNING, timeout: float | None = None) -> Iterator[str]:
@@ -169,6 +166,7 @@ class JobHandle:
                 self.job_id,
                 entry,
                 ttl=self._settings.stream_ttl,
+                events_cap=self._settings.events_max_len,
                 queue=job.origin if job else None,
                 model=_requested_model(job) if job else None,
             )

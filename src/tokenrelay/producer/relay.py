@@ -14,7 +14,7 @@ from rq.queue import EnqueueData
 from rq.serializers import JSONSerializer
 
 from tokenrelay.connection import client_for, redis_errors
-from tokenrelay.errors import InvalidRequestError
+from tokenrelay.errors import BatchInterruptedError, InvalidRequestError
 from tokenrelay.producer.handle import JobHandle
 from tokenrelay.producer.request import STREAM_TTL_FIELD, GenerationRequest, build_request
 from tokenrelay.settings import Settings
@@ -94,7 +94,8 @@ class Relay:
         Each item is a prompt or a mapping of `submit`'s keyword arguments. Every item is
         checked before any is queued, and every job id it names must be free; `progress`
         is told how many are queued. A job id is reserved in the same atomic step that
-        queues its job, so two submitters of one id never both succeed.
+        queues its job, so two submitters of one id never both succeed; if another takes an
+        id of a later chunk meanwhile, BatchInterruptedError carries the jobs already queued.
         """
         requests = [self._checked(i, item) for i, item in enumerate(items)]
         ids = [r.job_id or uuid.uuid4().hex for r in requests]
@@ -104,7 +105,13 @@ class Relay:
             self._refuse_taken(self.redis, ids)
             for start in range(0, len(requests), chunk_size):
                 end = start + chunk_size
-                self._enqueue(requests[start:end], ids[start:end], queued=start)
+                try:
+                    self._enqueue(requests[start:end], ids[start:end], queued=start)
+                except InvalidRequestError as exc:
+                    if not start:
+                        raise
+                    queued = [self.job(job_id) for job_id in ids[:start]]
+                    raise BatchInterruptedError(str(exc), queued) from None
                 if progress is not None:
                     progress(min(end, len(requests)))
         return [self.job(job_id) for job_id in ids]
@@ -131,8 +138,7 @@ class Relay:
                 watched = [key for job_id in ids for key in _id_keys(job_id)]
                 pipe.watch(*watched)  # type: ignore[no-untyped-call]  # unannotated in redis-py
                 try:
-                    # Read on another connection: the WATCH on this one still sees any change.
-                    self._refuse_taken(self.redis, ids, queued=queued)
+                    self._refuse_taken(pipe, ids, queued=queued)
                 except InvalidRequestError:
                     pipe.reset()
                     raise
@@ -146,7 +152,7 @@ class Relay:
                     event = LifecycleEvent(
                         Event.SUBMITTED, job_id, now, self.settings.queue, request.model
                     )
-                    emit(pipe, event)
+                    emit(pipe, event, cap=self.settings.events_max_len)
                 try:
                     pipe.execute()
                     return
@@ -155,13 +161,14 @@ class Relay:
 
     @staticmethod
     def _refuse_taken(client: Redis, ids: Sequence[str], *, queued: int = 0) -> None:
-        """InvalidRequestError naming the first id that a job (or its stream) already uses."""
-        with client.pipeline(transaction=False) as check:
-            for job_id in ids:
-                check.exists(*_id_keys(job_id))
-            taken = next((i for i, n in zip(ids, check.execute(), strict=True) if n), None)
-        if taken is None:
+        """InvalidRequestError naming the first id that a job (or its stream) already uses.
+
+        One round trip, on the given connection (a pipeline that WATCHes the same keys).
+        """
+        found = client.eval(_FIRST_TAKEN, 3 * len(ids), *(k for i in ids for k in _id_keys(i)))
+        if not found:
             return
+        taken = ids[int(found) - 1]
         shown = taken if len(taken) <= 40 else f"{taken[:37]}..."
         done = f"; the first {queued:,} jobs of the batch were queued" if queued else ""
         raise InvalidRequestError(f"job id {shown!r} is already in use{done}")
@@ -180,6 +187,16 @@ class Relay:
             on_failure=Callback(keys.ON_FAILURE_CALLBACK),
             on_stopped=Callback(keys.ON_STOPPED_CALLBACK),
         )
+
+
+# KEYS: each job id's three keys (`_id_keys`), in order. The 1-based number of the first id
+# with any of its keys in existence, or 0.
+_FIRST_TAKEN = """
+for i = 1, #KEYS, 3 do
+  if redis.call('EXISTS', KEYS[i], KEYS[i + 1], KEYS[i + 2]) > 0 then return (i + 2) / 3 end
+end
+return 0
+"""
 
 
 def _id_keys(job_id: str) -> tuple[str, str, str]:

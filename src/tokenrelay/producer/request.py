@@ -202,6 +202,14 @@ def build_request(
     )
 
 
+def stream_ttl_of(payload: object) -> int | None:
+    """The stream TTL a job's payload carries, if it is one a worker accepts (else None)."""
+    ttl = payload.get(STREAM_TTL_FIELD) if isinstance(payload, Mapping) else None
+    if isinstance(ttl, int) and not isinstance(ttl, bool) and 1 <= ttl <= MAX_STREAM_TTL:
+        return ttl
+    return None
+
+
 def request_from_payload(
     payload: object, job_id: str, settings: Settings
 ) -> tuple[GenerationRequest, int]:
@@ -216,10 +224,11 @@ def request_from_payload(
     unknown = set(payload) - PAYLOAD_FIELDS - {STREAM_TTL_FIELD}
     if unknown:
         raise InvalidRequestError(f"the job's payload has unknown fields: {sorted(unknown)}")
-    ttl = payload.get(STREAM_TTL_FIELD)
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= MAX_STREAM_TTL:
+    ttl = stream_ttl_of(payload)
+    if ttl is None:
         raise InvalidRequestError(
-            f"stream_ttl must be between 1 and {MAX_STREAM_TTL:,} seconds, got {shown(ttl)}"
+            f"stream_ttl must be between 1 and {MAX_STREAM_TTL:,} seconds, "
+            f"got {shown(payload.get(STREAM_TTL_FIELD))}"
         )
     messages = payload.get("messages")
     if not isinstance(messages, list):

@@ -22,6 +22,16 @@ from tokenrelay.stream.protocol import LifecycleEvent, encode_event, text
 
 log = structlog.get_logger()
 
+# A Lua helper: whether stream entry id `a` comes before `b`.
+_OLDER = """
+local function older(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+"""
+
 #: The newest events kept whatever the groups have read: an hour's worth.
 EVENTS_KEEP_SECONDS = 3600
 
@@ -29,13 +39,9 @@ EVENTS_KEEP_SECONDS = 3600
 # Lowers that bound to the oldest entry any group still needs, then trims (XTRIM MINID ~,
 # which drops only whole internal nodes, so it may keep a little more). Returns how many
 # entries it removed.
-_TRIM = """
-local function older(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
+_TRIM = (
+    _OLDER
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local keep = ARGV[1]
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
@@ -51,6 +57,7 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
 end
 return redis.call('XTRIM', KEYS[1], 'MINID', '~', keep)
 """
+)
 
 
 # KEYS: the lifecycle stream, the group's stats hash. ARGV: the group, the counter to add to.
@@ -58,15 +65,11 @@ return redis.call('XTRIM', KEYS[1], 'MINID', '~', keep)
 # trimmed beyond what the group has read were never delivered to it: count them, and count
 # them as read (ENTRIESREAD), so that they are reported once and the group's lag stays right.
 # Atomic, so two members checking at once cannot both report the same loss.
-_TRIMMED = """
+_TRIMMED = (
+    _OLDER
+    + """
 local function field(t, name)
   for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
-end
-local function older(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
 end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local added, first = field(info, 'entries-added'), field(info, 'first-entry')
@@ -88,6 +91,7 @@ redis.call('HINCRBY', KEYS[2], ARGV[2], lost)
 redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', read + lost)
 return lost
 """
+)
 
 
 def count_trimmed_unread(client: Redis, group: str) -> int:
@@ -100,10 +104,10 @@ def count_trimmed_unread(client: Redis, group: str) -> int:
     return int(client.eval(_TRIMMED, 2, keys.EVENTS_STREAM, stats, group, keys.Stat.EVENTS_TRIMMED))
 
 
-def emit(client: Redis, event: LifecycleEvent) -> None:
+def emit(client: Redis, event: LifecycleEvent, *, cap: int = keys.EVENTS_HARD_CAP) -> None:
     """Append one job state change to the lifecycle stream (under its hard cap)."""
     fields: dict[Any, Any] = encode_event(event)
-    client.xadd(keys.EVENTS_STREAM, fields, maxlen=keys.EVENTS_HARD_CAP, approximate=True)
+    client.xadd(keys.EVENTS_STREAM, fields, maxlen=cap, approximate=True)
 
 
 def trim_events(client: Redis, *, keep_seconds: float = EVENTS_KEEP_SECONDS) -> int:
@@ -126,7 +130,6 @@ class GroupLag:
     pending: int  # delivered to a member, not yet acknowledged
     lag: int | None  # not yet delivered; None where Redis cannot tell (before 7.0, or trimmed)
     last_delivered: str
-    entries_read: int | None = None
 
 
 def group_lags(client: Redis) -> list[GroupLag]:
@@ -141,7 +144,6 @@ def group_lags(client: Redis) -> list[GroupLag]:
             pending=int(g["pending"]),
             lag=None if g.get("lag") is None else int(g["lag"]),
             last_delivered=text(g["last-delivered-id"]),
-            entries_read=None if g.get("entries-read") is None else int(g["entries-read"]),
         )
         for g in groups
     ]

@@ -19,13 +19,10 @@ JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 #: The global lifecycle stream: one entry per job state change.
 EVENTS_STREAM = f"{PREFIX}:events"
 
-#: The lifecycle stream's hard cap (`XADD MAXLEN ~`); normally it is trimmed far below this,
-#: to what its slowest consumer group has read (`tokenrelay.stream.events.trim_events`).
+#: The lifecycle stream's default hard cap (`XADD MAXLEN ~`, TOKENRELAY_EVENTS_MAX_LEN);
+#: normally it is trimmed far below it, to what its slowest consumer group still needs
+#: (`tokenrelay.stream.events.trim_events`).
 EVENTS_HARD_CAP = 1_000_000
-
-#: How many of the newest lifecycle events are kept even when every group has read them
-#: (`tokenrelay status` shows recent failures from them).
-EVENTS_KEEP = 10_000
 
 #: Where a consumer group moves a lifecycle event that failed too often (a poison event).
 DEAD_LETTER_STREAM = f"{PREFIX}:dead-letter"

@@ -194,9 +194,16 @@ def _build(cls: type[Any], data: Mapping[str, str]) -> Any:
         raise ProtocolError(f"malformed {cls.__name__}: {exc}") from None
 
 
+def _decoded(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
+    try:
+        return {text(k): text(v) for k, v in raw.items()}
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"an entry that is not UTF-8: {exc}") from None
+
+
 def parse(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
     """The typed entry for a token-stream entry's fields, as Redis returns them."""
-    data = {text(k): text(v) for k, v in raw.items()}
+    data = _decoded(raw)
     kind = data.pop("kind", None)
     cls = _ENTRY_CLASSES.get(kind or "")
     if cls is None:
@@ -210,7 +217,7 @@ def parse(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
 
 def parse_event(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> LifecycleEvent:
     """The typed lifecycle event for a lifecycle-stream entry's fields."""
-    data = {text(k): text(v) for k, v in raw.items()}
+    data = _decoded(raw)
     try:
         event: LifecycleEvent = _build(LifecycleEvent, data)
     except ValueError as exc:

@@ -1,10 +1,12 @@
 """Reading a job's token stream: replay, resume after an entry id, or follow live, to the end.
 
 A follower holds one connection of the client's pool for as long as it reads, and every
-read on it has its own socket deadline, so `timeout=` holds even against a Redis that stops
-answering. Every record passes the stream's integrity rules (`StreamCheck`) before it is
-yielded. A stream that disappears under its reader (it expired, or was deleted) ends the
-read with `StreamExpiredError` instead of an endless wait.
+command it sends, and the making of that connection, has its own socket deadline, so
+`timeout=` holds even against a Redis that stops answering (only the wait for a free pooled
+connection, `connection.POOL_WAIT`, lies outside it). Every record passes the stream's
+integrity rules (`StreamCheck`) before it is yielded. A stream that disappears under its
+reader (it expired, or was deleted) ends the read with `StreamExpiredError` instead of an
+endless wait.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from redis import Redis
 from redis.connection import Connection
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tokenrelay.errors import StreamExpiredError, StreamTimeoutError
+from tokenrelay.errors import JobNotFoundError, StreamExpiredError, StreamTimeoutError
 from tokenrelay.stream import keys
 from tokenrelay.stream.integrity import StreamCheck
-from tokenrelay.stream.protocol import Record, is_terminal, records
+from tokenrelay.stream.keys import StateField
+from tokenrelay.stream.protocol import Record, is_terminal, records, text
 
 #: The stream id that means "from the very start".
 BEGINNING = "0-0"
@@ -42,15 +45,28 @@ def _prev(entry_id: str) -> str:
     return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
 
 
-def _first_id(client: Redis, key: str, live: bool, after: str) -> str:
-    """Where to start reading: `after`, or for a live reader, the newest entry so far."""
-    if not live:
-        return after
-    newest = records(client.xrevrange(key, count=1))
-    if not newest:
-        return BEGINNING
-    # A live reader of a stream that has already ended is still given its terminal entry.
-    return _prev(newest[0].id) if is_terminal(newest[0].entry) else newest[0].id
+def _order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _entries(raw: Any) -> list[Record]:
+    """Records from raw stream entries: [id, fields] pairs, fields a flat list or a map."""
+    pairs = []
+    for entry_id, fields in raw or []:
+        if isinstance(fields, list):
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        pairs.append((entry_id, fields))
+    return records(pairs)
+
+
+def _xread_entries(raw: Any) -> list[Record]:
+    """The records of a raw XREAD reply for one stream: RESP2 [[key, entries]], RESP3 {key: …}."""
+    if not raw:
+        return []
+    if isinstance(raw, dict):
+        return [r for entries in raw.values() for r in _entries(entries)]
+    return [r for _, entries in raw for r in _entries(entries)]
 
 
 def read_stream(
@@ -66,37 +82,49 @@ def read_stream(
 
     `live` starts at the newest entry at the time of the call instead, skipping what was
     generated before. `alive_keys` are keys whose existence means the stream may still
-    come (the queued job's); with neither them nor the stream left, the read ends with
-    StreamExpiredError. Raises StreamTimeoutError if the stream has not ended `timeout`
-    seconds after the call, and ProtocolError if the stream breaks its integrity rules.
+    come (the queued job's): with neither them nor the stream there, the read ends with
+    JobNotFoundError at once, or StreamExpiredError if the stream vanished while being read.
+    Raises StreamTimeoutError if the stream has not ended `timeout` seconds after the call,
+    and ProtocolError if the stream breaks its integrity rules.
     """
-    key = keys.token_stream(job_id)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    first = _first_id(client, key, live, after)
-    check = StreamCheck(key, from_start=first == BEGINNING)
-    follower = _Follower(client, key, [key, keys.stream_state(job_id), *alive_keys], deadline)
-    return follower.follow(first, check)
+    follower = _Follower(client, job_id, alive_keys, timeout)
+    if live:  # where "now" is, when the reader asks (not when it first reads)
+        newest = records(client.xrevrange(follower.key, count=1))
+        if newest:
+            entry = newest[0]
+            # A live reader of a stream that has already ended is still given its terminal entry.
+            after = _prev(entry.id) if is_terminal(entry.entry) else entry.id
+    return follower.follow(after)
 
 
 class _Follower:
-    """XREADs one stream on a connection of its own, each read bounded by the deadline."""
+    """Reads one stream on a connection of its own, each command bounded by the deadline."""
 
     def __init__(
-        self, client: Redis, key: str, alive_keys: list[str], deadline: float | None
+        self, client: Redis, job_id: str, alive_keys: Sequence[str], timeout: float | None
     ) -> None:
         self.client = client
-        self.key = key
-        self.alive_keys = alive_keys
-        self.deadline = deadline
+        self.job_id = job_id
+        self.key = keys.token_stream(job_id)
+        self.state_key = keys.stream_state(job_id)
+        self.alive_keys = [self.key, *alive_keys]
+        self.deadline = None if timeout is None else time.monotonic() + timeout
 
-    def follow(self, last: str, check: StreamCheck) -> Iterator[Record]:
+    def follow(self, after: str) -> Iterator[Record]:
         pool = self.client.connection_pool
-        connection = pool.get_connection()
+        connection = self._connection(pool)
         try:
+            if not self._command(connection, "EXISTS", *self.alive_keys):
+                raise JobNotFoundError(f"no job {self.job_id!r} (it may have expired)")
+            last = after
+            if self._ended_before(connection, last):
+                return  # resumed at or past the terminal entry: nothing more will come
+            check = StreamCheck(self.key, from_start=last == BEGINNING)
             while True:
                 batch = self._read(connection, last)
                 if not batch:
-                    self._check_alive(connection)
+                    if self._ended_before(connection, last):
+                        return
                     continue
                 for record in batch:
                     check.check(record)
@@ -107,6 +135,19 @@ class _Follower:
         finally:
             pool.release(connection)
 
+    def _connection(self, pool: Any) -> Connection:
+        """A connection of the pool; made within the deadline, where the pool can do that."""
+        within = getattr(pool, "get_connection_within", None)
+        remaining = self._remaining()
+        if within is None or remaining is None:
+            connection: Connection = pool.get_connection()
+            return connection
+        try:
+            connection = within(remaining)
+        except RedisTimeoutError:
+            raise StreamTimeoutError(f"{self.key} did not end in time") from None
+        return connection
+
     def _remaining(self) -> float | None:
         if self.deadline is None:
             return None
@@ -115,19 +156,17 @@ class _Follower:
             raise StreamTimeoutError(f"{self.key} did not end in time")
         return remaining
 
-    def _command(self, connection: Connection, *args: Any, block: float) -> Any:
-        """Send one command and wait for its reply no longer than the block and the deadline."""
+    def _command(self, connection: Connection, *args: Any, block: float = 0.0) -> Any:
+        """Send one command; wait for its raw reply no longer than the block and the deadline."""
         remaining = self._remaining()
         wait = block + REPLY_GRACE if remaining is None else min(block + REPLY_GRACE, remaining)
-        connection.send_command(*args)  # type: ignore[no-untyped-call]  # unannotated in redis-py
         try:
-            reply = connection.read_response(timeout=wait)
+            connection.send_command(*args)  # type: ignore[no-untyped-call]  # unannotated
+            return connection.read_response(timeout=wait)
         except RedisTimeoutError:
-            self._remaining()  # past the deadline: StreamTimeoutError
+            if remaining is not None and wait >= remaining:  # the deadline cut the wait short
+                raise StreamTimeoutError(f"{self.key} did not end in time") from None
             raise
-        callbacks: dict[str, Any] = dict(self.client.response_callbacks)
-        callback = callbacks.get(args[0])
-        return callback(reply) if callback else reply
 
     def _read(self, connection: Connection, last: str) -> list[Record]:
         remaining = self._remaining()
@@ -144,28 +183,15 @@ class _Follower:
             last,
             block=block,
         )
-        if not reply:
-            return []
-        if isinstance(reply, dict):  # RESP3: {key: [entries]}
-            streams = [entries for value in reply.values() for entries in value]
-        else:  # RESP2: [[key, entries]]
-            streams = [entries for _, entries in reply]
-        return [record for entries in streams for record in records(_entries(entries))]
+        return _xread_entries(reply)
 
-    def _check_alive(self, connection: Connection) -> None:
-        """End the read if the stream, its state and the job it waits on are all gone."""
-        if not self._command(connection, "EXISTS", *self.alive_keys, block=0):
+    def _ended_before(self, connection: Connection, last: str) -> bool:
+        """After an idle block: whether the stream ended at or before `last` (a resume past the
+        end); raises StreamExpiredError if the stream and what it waits on are gone."""
+        if not self._command(connection, "EXISTS", *self.alive_keys):
             raise StreamExpiredError(f"{self.key} is gone: it expired or was deleted")
-
-
-def _entries(raw: Any) -> Any:
-    """XREAD's entries with each entry's fields as a mapping (RESP2 replies give a flat list)."""
-    out = []
-    for entry_id, fields in raw:
-        if isinstance(fields, list):
-            fields = dict(zip(fields[::2], fields[1::2], strict=True))
-        out.append((entry_id, fields))
-    return out
+        end = self._command(connection, "HGET", self.state_key, StateField.END.value)
+        return end is not None and _order(last) >= _order(text(end))
 
 
 def scan_stream(client: Redis, job_id: str, *, page: int = PAGE) -> Iterator[Record]:

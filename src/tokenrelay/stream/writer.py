@@ -8,7 +8,8 @@ Three Lua scripts do every write, each in one atomic step with the job's state h
 - APPEND writes a `token` entry only for that writer, and only with exactly the next `seq`.
   A writer's own retried append (redis-py re-sends a command whose reply was lost) is
   recognised by its `seq` and not written twice. It refreshes the stream's expiry, so a
-  long generation never outlives its stream.
+  long generation never outlives its stream, and it never recreates a stream (or a state)
+  that vanished under it (evicted, deleted): that ends the writer (`StreamClosedError`).
 - CLOSE writes the terminal entry unless there is one already, with its lifecycle event
   in the same step, so each job gets exactly one. The generation closes with its writer
   token (fenced); a cancel or a clean-up hook closes without one.
@@ -49,6 +50,7 @@ log = structlog.get_logger()
 _REFUSALS = """
 local function closed() return redis.error_reply('TOKENRELAY_CLOSED') end
 local function fenced(w) return redis.error_reply('TOKENRELAY_FENCED ' .. tostring(w)) end
+local function lost() return redis.error_reply('TOKENRELAY_LOST') end
 """
 
 # KEYS: stream, state, lifecycle stream. ARGV: writer, ttl, events cap, N, the start entry's N
@@ -80,13 +82,15 @@ _APPEND = (
     + """
 local st = redis.call('HMGET', KEYS[2], '$WRITER', '$NEXT_SEQ', '$END')
 if st[3] then return closed() end
+if not st[1] then return lost() end
 if st[1] ~= ARGV[1] then return fenced(st[1]) end
 local expected, seq = tonumber(st[2]), tonumber(ARGV[6])
 if seq < expected then return 'retried' end
 if seq > expected then
   return redis.error_reply('TOKENRELAY_GAP token ' .. expected .. ' comes next, not ' .. seq)
 end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', unpack(ARGV, 3))
+if not id then return lost() end
 redis.call('HSET', KEYS[2], '$NEXT_SEQ', seq + 1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -105,7 +109,7 @@ if st[2] then
   if st[3] == ARGV[2] then return st[2] end
   return false
 end
-if ARGV[1] ~= '' and st[1] ~= ARGV[1] then return fenced(st[1]) end
+if ARGV[1] ~= '' and st[1] and st[1] ~= ARGV[1] then return fenced(st[1]) end
 local n = tonumber(ARGV[5])
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6, 5 + n))
 redis.call('HSET', KEYS[2], '$END', id, '$CLOSED_BY', ARGV[2])
@@ -149,6 +153,8 @@ def _refused(reply: str) -> Exception:
         return StreamClosedError("the stream already has its terminal entry")
     if reply.startswith("TOKENRELAY_FENCED"):
         return WriterFencedError("another writer owns this stream")
+    if reply.startswith("TOKENRELAY_LOST"):
+        return StreamClosedError("the stream or its state is gone (expired, evicted or deleted)")
     if reply.startswith("TOKENRELAY_GAP"):
         return ProtocolError(reply.removeprefix("TOKENRELAY_GAP "))
     return ResponseError(reply)
@@ -173,6 +179,7 @@ def close_stream(
     model: str | None = None,
     writer: str = "",
     nonce: str | None = None,
+    events_cap: int = keys.EVENTS_HARD_CAP,
 ) -> bool:
     """Write the stream's terminal entry unless it has one; True if this call wrote it.
 
@@ -184,7 +191,7 @@ def close_stream(
         ended_as(entry), job_id, time.time(), queue, model, getattr(entry, "error_type", None)
     )
     fields, event_fields = encode(entry), encode_event(event)
-    args = [writer, nonce or uuid.uuid4().hex, str(ttl), str(keys.EVENTS_HARD_CAP)]
+    args = [writer, nonce or uuid.uuid4().hex, str(ttl), str(events_cap)]
     args += [str(2 * len(fields)), *_flat(fields), *_flat(event_fields)]
     script_keys = [keys.token_stream(job_id), keys.stream_state(job_id), keys.EVENTS_STREAM]
     return _run(client, _CLOSE, script_keys, args) is not None
@@ -202,10 +209,13 @@ class StreamWriter:
     closed (a cancel, a clean-up), each write raises instead of reaching the stream.
     """
 
-    def __init__(self, client: Redis, job_id: str, *, ttl: int, token: str | None = None) -> None:
+    def __init__(
+        self, client: Redis, job_id: str, *, ttl: int, events_cap: int = keys.EVENTS_HARD_CAP
+    ) -> None:
         self.job_id = job_id
         self.key = keys.token_stream(job_id)
-        self.writer_token = token or new_writer_token()
+        self.writer_token = new_writer_token()
+        self.events_cap = events_cap
         self.tokens = 0
         self.first_token_at: float | None = None
         self._client = client
@@ -223,7 +233,7 @@ class StreamWriter:
             raise ValueError("the start entry must carry this writer's token")
         event = LifecycleEvent(Event.STARTED, self.job_id, entry.started_at, queue, entry.model)
         fields, event_fields = encode(entry), encode_event(event)
-        args = [self.writer_token, str(self._ttl), str(keys.EVENTS_HARD_CAP), str(2 * len(fields))]
+        args = [self.writer_token, str(self._ttl), str(self.events_cap), str(2 * len(fields))]
         args += [*_flat(fields), *_flat(event_fields)]
         _run(self._client, _BEGIN, [self.key, self._state, keys.EVENTS_STREAM], args)
 
@@ -256,6 +266,7 @@ class StreamWriter:
             queue=queue,
             model=model,
             writer=self.writer_token,
+            events_cap=self.events_cap,
         )
 
     def _repaired(self, text: str) -> str:

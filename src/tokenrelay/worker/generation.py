@@ -26,6 +26,7 @@ from tokenrelay.producer.request import GenerationRequest, request_from_payload
 from tokenrelay.settings import Settings
 from tokenrelay.stream.protocol import EndEntry, ErrorEntry, StartEntry
 from tokenrelay.stream.writer import StreamWriter, close_stream
+from tokenrelay.worker.attempts import attempt_of
 from tokenrelay.worker.llm import chat_model, error_entry
 from tokenrelay.worker.publisher import TokenPublisher
 from tokenrelay.worker.streaming import StreamedAnswer, stream_chat
@@ -53,14 +54,18 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     return _run(job, payload, settings)
 
 
-def _attempt(job: Job) -> int:
-    return (job.number_of_retries or 0) + 1
-
-
 def _refuse(job: Job, exc: InvalidRequestError, settings: Settings) -> None:
     """End the stream of a job whose payload fails the checks `submit` makes."""
-    entry = ErrorEntry("InvalidRequestError", str(exc), retryable=False, attempt=_attempt(job))
-    if close_stream(job.connection, job.id, entry, ttl=settings.stream_ttl, queue=job.origin):
+    entry = ErrorEntry("InvalidRequestError", str(exc), retryable=False, attempt=attempt_of(job))
+    closed = close_stream(
+        job.connection,
+        job.id,
+        entry,
+        ttl=settings.stream_ttl,
+        queue=job.origin,
+        events_cap=settings.events_max_len,
+    )
+    if closed:
         log.warning("job.refused", reason=str(exc))
 
 
@@ -75,11 +80,11 @@ def _run(job: Job, payload: Any, settings: Settings) -> dict[str, Any]:
     max_tokens = request.max_tokens or settings.max_tokens
     started = time.time()
     submitted = job.enqueued_at.timestamp() if job.enqueued_at else None
-    writer = StreamWriter(client, job.id, ttl=ttl)
+    writer = StreamWriter(client, job.id, ttl=ttl, events_cap=settings.events_max_len)
     start = StartEntry(
         job.id,
         model,
-        _attempt(job),
+        attempt_of(job),
         submitted,
         started,
         job.worker_name or "",
@@ -102,7 +107,7 @@ def _run(job: Job, payload: Any, settings: Settings) -> dict[str, Any]:
         log.info("job.cancelled", tokens=writer.tokens)
         raise
     except Exception as exc:
-        entry = error_entry(exc, attempt=_attempt(job), secret=settings.openai_api_key)
+        entry = error_entry(exc, attempt=attempt_of(job), secret=settings.openai_api_key)
         if writer.close(entry, queue=job.origin, model=model):
             log.warning(
                 "job.failed", error_type=entry.error_type, tokens=writer.tokens, exc_info=True

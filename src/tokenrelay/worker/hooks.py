@@ -16,28 +16,20 @@ from redis import Redis
 from rq.job import Job
 
 from tokenrelay.errors import WriterFencedError
-from tokenrelay.producer.request import MAX_STREAM_TTL, STREAM_TTL_FIELD
+from tokenrelay.producer.request import stream_ttl_of
 from tokenrelay.settings import Settings
 from tokenrelay.stream.protocol import ErrorEntry
 from tokenrelay.stream.writer import close_stream
+from tokenrelay.worker.attempts import attempt_of
 from tokenrelay.worker.llm import error_entry
 
 log = structlog.get_logger()
 
 
-def _attempt(job: Job) -> int:
-    return (job.number_of_retries or 0) + 1
-
-
 def _stream_ttl(job: Job) -> int:
     """The payload's stream TTL if it is a sane one; a payload we cannot read gets the default."""
-    try:
-        ttl = job.args[0][STREAM_TTL_FIELD]
-    except Exception:
-        ttl = None
-    if isinstance(ttl, int) and not isinstance(ttl, bool) and 1 <= ttl <= MAX_STREAM_TTL:
-        return ttl
-    return Settings().stream_ttl
+    args = job.args if isinstance(job.args, list | tuple) else ()
+    return (stream_ttl_of(args[0]) if args else None) or Settings().stream_ttl
 
 
 def end_with_error(connection: Redis, job: Job, entry: ErrorEntry) -> bool:
@@ -60,12 +52,12 @@ def on_failure(
     exc = exc_value if exc_value is not None else exc_type()
     if isinstance(exc, WriterFencedError):  # the stream is another run's: never touch it
         return
-    end_with_error(connection, job, error_entry(exc, attempt=_attempt(job)))
+    end_with_error(connection, job, error_entry(exc, attempt=attempt_of(job)))
 
 
 def on_stopped(job: Job, connection: Redis) -> None:
     """RQ stopped callback: a stop command killed the job's work horse."""
-    entry = ErrorEntry("JobStopped", "the job was stopped on request", False, _attempt(job))
+    entry = ErrorEntry("JobStopped", "the job was stopped on request", False, attempt_of(job))
     end_with_error(connection, job, entry)
 
 
@@ -78,4 +70,4 @@ def on_work_horse_killed(job: Job, connection: Redis, status: int | None, reason
     else:
         how = f"exited with status {os.waitstatus_to_exitcode(status)}"
     message = f"the process running the job {how}{reason}"
-    end_with_error(connection, job, ErrorEntry("WorkHorseKilled", message, True, _attempt(job)))
+    end_with_error(connection, job, ErrorEntry("WorkHorseKilled", message, True, attempt_of(job)))

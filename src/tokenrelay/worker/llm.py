@@ -53,9 +53,28 @@ def chat_model(settings: Settings, request: GenerationRequest) -> ChatOpenAI:
     )
 
 
+def _describe(exc: BaseException) -> str:
+    """What went wrong, in words: the client's own message, and for a connection error its cause.
+
+    The OpenAI client says only "Connection error." whatever happened; the innermost cause
+    says whether the server refused the connection, closed it mid-answer, or never answered.
+    """
+    message = str(exc) or _MESSAGES.get(type(exc), f"{type(exc).__name__} was raised")
+    if not isinstance(exc, openai.APIConnectionError):
+        return message
+    request = getattr(exc, "request", None)
+    where = f" at {request.url.scheme}://{request.url.netloc.decode()}" if request else ""
+    root, cause = None, exc.__cause__ or exc.__context__
+    while cause is not None:
+        root = cause if str(cause) else root
+        cause = cause.__cause__ or cause.__context__
+    why = f": {type(root).__name__}: {root}" if root is not None else ""
+    return f"{message.rstrip('.')} talking to the model server{where}{why}"
+
+
 def error_entry(exc: BaseException, *, attempt: int, secret: Secret | None = None) -> ErrorEntry:
     """The `error` entry for an exception: its type, a redacted message, whether to retry."""
-    message = str(exc) or _MESSAGES.get(type(exc), f"{type(exc).__name__} was raised")
+    message = _describe(exc)
     if secret:
         message = message.replace(secret.reveal(), "**********")
     return ErrorEntry(

@@ -21,6 +21,7 @@ from tokenrelay.stream import keys
 from tokenrelay.stream.events import trim_events
 from tokenrelay.stream.protocol import ErrorEntry
 from tokenrelay.worker import hooks
+from tokenrelay.worker.attempts import attempt_of
 from tokenrelay.worker.generation import generate, worker_settings
 
 log = structlog.get_logger()
@@ -65,7 +66,7 @@ class RelayJob(Job):
 
 
 def _job_context(job: Job) -> AbstractContextManager[None]:
-    attempt = (job.number_of_retries or 0) + 1
+    attempt = attempt_of(job)
     return structlog.contextvars.bound_contextvars(job_id=job.id, attempt=attempt)
 
 
@@ -130,7 +131,7 @@ class RelayWorker(Worker):
                     "WorkerShutdown",
                     "the worker was shut down while running the job",
                     True,
-                    (job.number_of_retries or 0) + 1,
+                    attempt_of(job),
                 )
                 hooks.end_with_error(self.connection, job, entry)
             raise

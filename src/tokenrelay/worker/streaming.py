@@ -18,20 +18,35 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
+#: Text pieces are joined into one string every this many, so that an answer costs its text
+#: and not a Python object per token.
+_JOIN_EVERY = 256
+
 
 @dataclass
 class StreamedAnswer:
-    """What the model sent: its text pieces, how it finished, and its usage, if any."""
+    """What the model sent: its text, how it finished, and its usage, if any."""
 
     parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
 
+    def add(self, text: str) -> None:
+        """Keep one more piece of the text."""
+        self.parts.append(text)
+        if len(self.parts) >= _JOIN_EVERY:
+            self.parts[:] = ["".join(self.parts)]
+
+    @property
+    def text(self) -> str:
+        """The text so far."""
+        return "".join(self.parts)
+
     def message(self) -> AIMessage:
         """The whole answer as one message, for the run's `on_llm_end`."""
         metadata = {"finish_reason": self.finish_reason} if self.finish_reason else {}
         return AIMessage(
-            content="".join(self.parts),
+            content=self.text,
             response_metadata=metadata,
             usage_metadata=self.usage,
         )
@@ -72,7 +87,7 @@ def stream_chat(
                 if message.usage_metadata:
                     answer.usage = dict(message.usage_metadata)
                 if chunk.text:
-                    answer.parts.append(chunk.text)
+                    answer.add(chunk.text)
                     yield chunk.text
     except GeneratorExit:  # the caller stopped reading (a token limit): the run ends here
         ended.generations[0].append(ChatGeneration(message=answer.message()))
