@@ -8,10 +8,10 @@ import sys
 
 from redis import Redis
 from support.scripts import ScriptedLLM
-from support.streams import redis_major
+from support.streams import redis_major, wait_for_tokens
 from support.workers import Workers
 
-from tokenrelay import Relay, TokenEntry
+from tokenrelay import Relay
 from tokenrelay.consumer.group import GroupConsumer
 from tokenrelay.status import collect_status, render
 
@@ -38,16 +38,14 @@ def test_status_json_reports_queues_workers_jobs_failures_and_lag(
     workers.run_burst()
     GroupConsumer(redis_client, "recorder", "r").ensure_group()
     running = relay.submit("runs", model=llm.script(["a", "b", "c", "d"], stall_after=3))
-    worker = workers.start("--name", "w-1")
-    for record in running.records(timeout=30):
-        if isinstance(record.entry, TokenEntry) and record.entry.seq == 2:
-            break
+    worker = workers.start("--name", "w-1", "--concurrency", "1")  # the next jobs wait
+    wait_for_tokens(running, 3)
     queued = relay.submit_many(["q1", "q2"])
     status = status_json(env)
     assert status["queues"] == {"tokenrelay": 2}
     [live] = [w for w in status["workers"] if w["name"] == "w-1"]  # type: ignore[attr-defined]
     assert live["state"] == "busy"
-    assert live["current_job"] == running.job_id
+    assert live["jobs"] == [running.job_id]
     [flight] = status["in_flight"]  # type: ignore[misc]
     assert flight["job_id"] == running.job_id
     assert flight["tokens"] == 3

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import redis
 from redis import Redis
+from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import BlockingConnectionPool
 from redis.exceptions import AuthenticationError, MaxConnectionsError, ResponseError
@@ -147,3 +149,22 @@ def connect(
 def client_for(settings: Settings) -> Redis:
     """A checked client for the configured Redis, with the configured connection bound."""
     return connect(settings.effective_redis_url, max_connections=settings.redis_max_connections)
+
+
+def async_client_for(settings: Settings) -> aioredis.Redis:
+    """An asyncio client for the configured Redis, set up as `connect` sets up sync ones."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.effective_redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=POOL_WAIT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_timeout=REPLY_TIMEOUT,
+        decode_responses=False,
+        protocol=2,
+        retry=AsyncRetry(
+            ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+            RETRIES,
+            supported_errors=(redis.ConnectionError,),
+        ),
+    )
+    return aioredis.Redis(connection_pool=pool)

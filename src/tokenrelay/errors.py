@@ -13,6 +13,7 @@ TokenRelayError
 ├── ProtocolError           a stream broke the protocol (a gap in the tokens, an unknown kind)
 ├── UnsafeJobError          a job payload names a callable other than tokenrelay's generation
 ├── StreamClosedError       the stream already has its terminal entry (cancelled, reaped)
+├── WorkerShutdownError     the worker was shut down while it ran the job (RQ's failure record)
 ├── WriterFencedError       another writer owns the stream; this one may not write to it
 └── GenerationError         the model's stream went wrong
     └── TruncatedStreamError    the model's stream ended without a finish reason
@@ -87,6 +88,10 @@ class UnsafeJobError(TokenRelayError):
 
 class StreamClosedError(TokenRelayError):
     """The stream already has its terminal entry, so nothing more may be written to it."""
+
+
+class WorkerShutdownError(TokenRelayError):
+    """The worker was shut down (a second Ctrl-C or SIGTERM) while it ran the job."""
 
 
 class WriterFencedError(TokenRelayError):

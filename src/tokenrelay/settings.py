@@ -77,6 +77,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"must be a positive number, got {value}")
+    return value
+
+
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if value < 0:
@@ -144,6 +151,10 @@ class Settings:
     max_tokens_param: MaxTokensParam = _env(
         "TOKENRELAY_MAX_TOKENS_PARAM", "auto", _MAX_TOKENS_PARAMS
     )
+    worker_concurrency: int = _env("TOKENRELAY_WORKER_CONCURRENCY", 100, _positive_int)
+    heartbeat_interval: int = _env("TOKENRELAY_HEARTBEAT_INTERVAL", 10, _positive_int)
+    maintenance_interval: int = _env("TOKENRELAY_MAINTENANCE_INTERVAL", 60, _positive_int)
+    loop_lag_limit: float = _env("TOKENRELAY_LOOP_LAG_LIMIT", 0.25, _positive_float)
     log_format: LogFormat = _env("TOKENRELAY_LOG_FORMAT", "auto", _LOG_FORMATS)
     log_level: str = _env("TOKENRELAY_LOG_LEVEL", "info", _LOG_LEVELS)
 

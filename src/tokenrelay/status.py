@@ -28,7 +28,7 @@ class WorkerInfo:
 
     name: str
     state: str
-    current_job: str | None
+    jobs: list[str]  # the jobs it runs now (a worker runs many at once)
     queues: list[str]
     last_heartbeat_age_s: float | None
 
@@ -88,7 +88,8 @@ def _in_flight(client: Redis, queue: str, now: float) -> list[InFlight]:
         first = records(client.xrange(stream, count=1))
         last = records(client.xrevrange(stream, count=1))
         start = first[0].entry if first and isinstance(first[0].entry, StartEntry) else None
-        tokens = last[0].entry.seq + 1 if last and isinstance(last[0].entry, TokenEntry) else 0
+        newest = last[0].entry if last else None
+        tokens = newest.seq + newest.count if isinstance(newest, TokenEntry) else 0
         jobs.append(
             InFlight(
                 job_id=job_id,
@@ -122,7 +123,7 @@ def _workers(client: Redis, now: float) -> list[WorkerInfo]:
             WorkerInfo(
                 name=worker.name,
                 state=str(worker.get_state()),
-                current_job=worker.get_current_job_id(),
+                jobs=sorted(e.job_id for e in worker.get_current_executions()),
                 queues=worker.queue_names(),
                 last_heartbeat_age_s=round(now - beat.timestamp(), 1) if beat else None,
             )
@@ -165,11 +166,8 @@ def render(status: Status) -> str:
     out += _table([[q, str(n)] for q, n in status.queues.items()], ["queue", "queued"])
     out.append(f"workers ({len(status.workers)})")
     out += _table(
-        [
-            [w.name, w.state, w.current_job or "-", f"{w.last_heartbeat_age_s}s"]
-            for w in status.workers
-        ],
-        ["name", "state", "job", "heartbeat"],
+        [[w.name, w.state, str(len(w.jobs)), f"{w.last_heartbeat_age_s}s"] for w in status.workers],
+        ["name", "state", "jobs", "heartbeat"],
     )
     out.append(f"in flight ({len(status.in_flight)})")
     out += _table(

@@ -40,7 +40,7 @@ def test_booleans_are_written_as_words() -> None:
 
 def test_start_entries_carry_the_protocol_version() -> None:
     """Readers can tell which protocol version wrote a stream."""
-    assert encode(ENTRIES[0])["v"] == "1"  # type: ignore[arg-type]
+    assert encode(ENTRIES[0])["v"] == "2"  # type: ignore[arg-type]
 
 
 def test_an_unknown_kind_is_a_protocol_error() -> None:
@@ -68,3 +68,12 @@ def test_lifecycle_events_round_trip() -> None:
     assert next(iter(fields)) == "event"
     assert "model" not in fields
     assert parse_event({k.encode(): v.encode() for k, v in fields.items()}) == event
+
+
+def test_a_token_entry_holds_one_token_unless_it_says_how_many() -> None:
+    """`n` is written only for coalesced entries; readers count it, 1 when absent."""
+    single, several = TokenEntry(0, "a"), TokenEntry(1, "bcd", 3)
+    assert "n" not in encode(single)
+    assert encode(several)["n"] == "3"
+    assert (single.count, several.count) == (1, 3)
+    assert parse(encode(several)) == several  # type: ignore[arg-type]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from tokenrelay import EndEntry, ErrorEntry
+from tokenrelay import EndEntry, ErrorEntry, JobHandle, Record, TokenEntry
 from tokenrelay.stream.keys import token_stream
 from tokenrelay.stream.protocol import records
 
@@ -25,3 +27,19 @@ def redis_major(client: Redis) -> int:
 def rq_status(client: Redis, job_id: str) -> str:
     """RQ's own status of the job."""
     return str(Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status().value)
+
+
+def tokens_in(entries: Iterable[object]) -> int:
+    """How many tokens the token entries among `entries` hold (an entry may hold several)."""
+    return sum(e.count for e in entries if isinstance(e, TokenEntry))
+
+
+def wait_for_tokens(handle: JobHandle, count: int, timeout: float = 30) -> Record:
+    """Follow the job's stream until it holds `count` tokens; the entry that got there."""
+    seen = 0
+    for record in handle.records(timeout=timeout):
+        if isinstance(record.entry, TokenEntry):
+            seen += record.entry.count
+            if seen >= count:
+                return record
+    raise AssertionError(f"the stream ended before {count} tokens (it had {seen})")

@@ -31,23 +31,10 @@ class WorkerProcess:
         """Send a signal to the worker process."""
         self.process.send_signal(signum)
 
-    def job_pid(self) -> int | None:
-        """The process generating: the work horse while there is one, else the worker itself."""
-        try:
-            return self.horse_pid()
-        except AssertionError:
-            return None
-
-    def horse_pid(self) -> int:
-        """The pid of the work horse, the child process that runs the current job."""
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # the process ended while we looked
-            if int(fields[1]) == self.process.pid:
-                return int(stat.parent.name)
-        raise AssertionError(f"worker {self.process.pid} has no work horse")
+    @property
+    def pid(self) -> int:
+        """The worker's process id (its jobs run in this process)."""
+        return self.process.pid
 
 
 @dataclass

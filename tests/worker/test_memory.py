@@ -45,7 +45,7 @@ def test_the_process_running_a_job_does_not_grow_with_its_tokens(
     while "late" not in samples:
         assert time.monotonic() < deadline, "the generation is too slow"
         written = tokens_written(redis_client, handle.job_id)
-        pid = worker.job_pid()
+        pid = worker.pid
         if written >= 4_000 and "early" not in samples and pid:
             samples["early"] = resident_kb(pid)
         if written >= 30_000 and pid:

@@ -1,12 +1,13 @@
 """Every way a job can end leaves exactly one terminal entry in its stream, and RQ agrees.
 
-Each fault is the real thing: a server error, a cut connection, a job timeout, a
-SIGKILLed work horse, a SIGKILLed worker found abandoned, a stop command, a cancel.
+Each fault is the real thing (a server error, a cut connection, a job timeout, a stop
+command, a cancel, a shutdown, a SIGKILLed worker), and each happens in a worker process
+that is streaming other jobs at the same time: those finish untouched, unless the fault is
+the worker's own end, which then ends every one of them.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
@@ -14,15 +15,26 @@ import pytest
 from redis import Redis
 from rq.command import send_stop_job_command
 from rq.serializers import JSONSerializer
-from support.scripts import ScriptedLLM
-from support.streams import rq_status, terminal_entries
+from support.scripts import SECRET_KEY, ScriptedLLM
+from support.streams import rq_status, terminal_entries, wait_for_tokens
 from support.workers import WorkerProcess, Workers
 
-from tokenrelay import EndEntry, ErrorEntry, Event, JobHandle, JobState, Relay, Settings, TokenEntry
+from tokenrelay import (
+    EndEntry,
+    ErrorEntry,
+    Event,
+    JobHandle,
+    JobState,
+    Relay,
+    Settings,
+    TokenEntry,
+)
 from tokenrelay.stream.protocol import parse_event
-from tokenrelay.worker.runner import RelayJob, RelayWorker
+from tokenrelay.worker.rq_worker import RelayJob, RelayWorker
 
 WORDS = [f" w{i}" for i in range(20)]
+#: The neighbours' text: long enough, and paced, to be streaming while the fault happens.
+NEIGHBOUR_WORDS = [f" n{i}" for i in range(40)]
 
 
 def the_error(client: Redis, handle: JobHandle) -> ErrorEntry:
@@ -32,12 +44,27 @@ def the_error(client: Redis, handle: JobHandle) -> ErrorEntry:
     return entry
 
 
-def wait_for_tokens(handle: JobHandle, count: int) -> None:
-    """Block until the job has published `count` tokens."""
-    for _, entry in handle.records(timeout=30):
-        if isinstance(entry, TokenEntry) and entry.seq == count - 1:
-            return
-    raise AssertionError(f"the stream ended before {count} tokens")
+def the_error_eventually(client: Redis, handle: JobHandle) -> ErrorEntry:
+    """The job's error entry, once a reader sees it (another task or process writes it)."""
+    *_, last = handle.records(timeout=30)
+    assert isinstance(last.entry, ErrorEntry)
+    return the_error(client, handle)
+
+
+def wait_for_rq_status(client: Redis, job_id: str, status: str, timeout: float = 30) -> None:
+    """Poll RQ's job status until it is `status` (RQ's own bookkeeping has no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while rq_status(client, job_id) != status:
+        assert time.monotonic() < deadline, f"job {job_id} is {rq_status(client, job_id)}"
+        time.sleep(0.05)
+
+
+def wait_for_log(worker: WorkerProcess, event: str, timeout: float = 30) -> None:
+    """Poll the worker's log until it has a line of this event."""
+    deadline = time.monotonic() + timeout
+    while not any(line["event"] == event for line in worker.logs()):
+        assert time.monotonic() < deadline, f"no {event!r} in the worker's log"
+        time.sleep(0.05)
 
 
 def lifecycle(client: Redis, job_id: str) -> list[Event]:
@@ -46,8 +73,26 @@ def lifecycle(client: Redis, job_id: str) -> list[Event]:
     return [e.event for e in events if e.job_id == job_id]
 
 
+@pytest.fixture
+def neighbours(relay: Relay, llm: ScriptedLLM) -> list[JobHandle]:
+    """Three jobs streaming in the same worker as the test's job (submitted first)."""
+    model = llm.script(NEIGHBOUR_WORDS, token_delay=0.03)
+    return [relay.submit(f"neighbour {i}", model=model) for i in range(3)]
+
+
+def assert_untouched(client: Redis, handles: list[JobHandle]) -> None:
+    """Each neighbour streamed its whole text and ended once, with `end`."""
+    for handle in handles:
+        assert handle.text(timeout=60) == "".join(NEIGHBOUR_WORDS)
+        assert [type(e) for e in terminal_entries(client, handle.job_id)] == [EndEntry]
+
+
 def test_success_ends_with_one_end_entry(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    neighbours: list[JobHandle],
 ) -> None:
     """A clean generation ends with `end`, and RQ marks the job finished."""
     handle = relay.submit("hi", model=llm.script(WORDS))
@@ -55,10 +100,15 @@ def test_success_ends_with_one_end_entry(
     [entry] = terminal_entries(redis_client, handle.job_id)
     assert isinstance(entry, EndEntry)
     assert rq_status(redis_client, handle.job_id) == "finished"
+    assert_untouched(redis_client, neighbours)
 
 
 def test_a_model_error_ends_with_one_retryable_error_entry(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    neighbours: list[JobHandle],
 ) -> None:
     """An HTTP 500 from the model becomes an `error` entry marked retryable; RQ says failed."""
     handle = relay.submit("hi", model=llm.script(status=500))
@@ -67,10 +117,11 @@ def test_a_model_error_ends_with_one_retryable_error_entry(
     assert (error.error_type, error.retryable, error.attempt) == ("OpenAIAPIError", True, 1)
     assert "scripted failure" in error.message
     assert rq_status(redis_client, handle.job_id) == "failed"
+    assert_untouched(redis_client, neighbours)
 
 
 def test_an_unknown_model_is_an_error_that_is_not_retryable(
-    relay: Relay, workers: Workers, redis_client: Redis
+    relay: Relay, workers: Workers, redis_client: Redis, neighbours: list[JobHandle]
 ) -> None:
     """A 404 for the model will not fix itself, so the error says not to retry."""
     handle = relay.submit("hi", model="no-such-model")
@@ -78,10 +129,15 @@ def test_an_unknown_model_is_an_error_that_is_not_retryable(
     error = the_error(redis_client, handle)
     assert not error.retryable
     assert "does not exist" in error.message
+    assert_untouched(redis_client, neighbours)
 
 
 def test_a_stream_cut_before_its_finish_reason_is_an_error_not_a_success(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    neighbours: list[JobHandle],
 ) -> None:
     """A response that ends without a finish reason was cut short: `error`, never `end`."""
     handle = relay.submit("hi", model=llm.script(["a", "b", "c"], fault="cut"))
@@ -90,14 +146,19 @@ def test_a_stream_cut_before_its_finish_reason_is_an_error_not_a_success(
     assert error.error_type == "TruncatedStreamError"
     assert error.retryable
     texts = [e.text for _, e in handle.records(timeout=5) if isinstance(e, TokenEntry)]
-    assert texts == ["a", "b", "c"]
+    assert "".join(texts) == "abc"
     assert rq_status(redis_client, handle.job_id) == "failed"
+    assert_untouched(redis_client, neighbours)
 
 
-def test_a_dropped_connection_is_an_error(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+def test_a_dropped_connection_is_an_error_that_names_what_happened(
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    neighbours: list[JobHandle],
 ) -> None:
-    """A connection that breaks mid-stream ends the job with a retryable `error`."""
+    """A connection that breaks mid-stream ends the job with a retryable `error` saying how."""
     handle = relay.submit("hi", model=llm.script(["a", "b"], fault="drop"))
     workers.run_burst()
     error = the_error(redis_client, handle)
@@ -105,68 +166,36 @@ def test_a_dropped_connection_is_an_error(
     assert error.retryable
     assert error.message.startswith("Connection error talking to the model server at http://")
     assert "RemoteProtocolError" in error.message  # what actually happened to the connection
+    assert_untouched(redis_client, neighbours)
 
 
-def test_a_job_timeout_ends_with_one_error_entry(
-    redis_client: Redis, settings: Settings, llm: ScriptedLLM, workers: Workers
+def test_a_job_timeout_ends_that_job_while_the_others_go_on(
+    redis_client: Redis,
+    settings: Settings,
+    llm: ScriptedLLM,
+    workers: Workers,
+    neighbours: list[JobHandle],
 ) -> None:
-    """A generation that outlives its job timeout is ended by RQ and gets a timeout `error`."""
+    """A generation that outlives its job timeout gets a timeout `error`; RQ says failed."""
     relay = Relay(redis_client, settings.with_overrides(job_timeout=2))
     handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
     workers.run_burst()
     error = the_error(redis_client, handle)
     assert error.error_type == "JobTimeoutException"
+    assert error.message == "the job ran longer than its timeout (2 s)"
     assert error.retryable
     assert rq_status(redis_client, handle.job_id) == "failed"
+    assert_untouched(redis_client, neighbours)
 
 
-def test_a_killed_work_horse_ends_its_job_with_one_error_and_the_worker_goes_on(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+def test_a_stop_command_ends_that_job_with_one_error_entry(
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    neighbours: list[JobHandle],
 ) -> None:
-    """SIGKILL of the job's process: one `error` entry, and the worker takes the next job."""
-    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
-    worker = workers.start()
-    wait_for_tokens(handle, 3)
-    os.kill(worker.horse_pid(), signal.SIGKILL)
-    error = the_error_eventually(redis_client, handle)
-    assert error.error_type == "WorkHorseKilled"
-    assert "killed by signal 9" in error.message
-    assert error.retryable
-    wait_for_rq_status(redis_client, handle.job_id, "failed")
-    after = relay.submit("next", model=llm.script(["fine"]))
-    assert after.text(timeout=30) == "fine"
-
-
-def test_a_killed_worker_leaves_an_abandoned_job_that_the_cleanup_ends(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis, settings: Settings
-) -> None:
-    """SIGKILL of the whole worker: RQ's abandoned-job cleanup writes the one `error` entry."""
-    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
-    worker = workers.start()
-    wait_for_tokens(handle, 3)
-    horse = worker.horse_pid()
-    worker.signal(signal.SIGKILL)
-    worker.wait()
-    os.kill(horse, signal.SIGKILL)
-    assert terminal_entries(redis_client, handle.job_id) == []
-    assert handle.status() is JobState.STARTED
-    # The dead worker's heartbeat lapses after a minute and a half; make that time pass.
-    wip = "rq:wip:tokenrelay"
-    redis_client.zadd(wip, dict.fromkeys(redis_client.zrange(wip, 0, -1), time.time() - 1))
-    live = RelayWorker(["tokenrelay"], connection=redis_client, settings=settings)
-    assert all(queue.job_class is RelayJob for queue in live.queues)  # the clean-up's job class
-    live.clean_registries()  # a live worker's periodic maintenance
-    error = the_error(redis_client, handle)
-    assert error.error_type == "AbandonedJobError"
-    assert error.message == "the worker running the job died or vanished (its heartbeat lapsed)"
-    assert error.retryable
-    assert rq_status(redis_client, handle.job_id) == "failed"
-
-
-def test_a_stop_command_ends_the_job_with_one_error_entry(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
-) -> None:
-    """RQ's stop-job command kills the horse; the stopped callback writes the `error`."""
+    """RQ's stop-job command reaches the one job it names among several; RQ says stopped."""
     handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
     workers.start()
     wait_for_tokens(handle, 3)
@@ -174,12 +203,17 @@ def test_a_stop_command_ends_the_job_with_one_error_entry(
     error = the_error_eventually(redis_client, handle)
     assert (error.error_type, error.retryable) == ("JobStopped", False)
     wait_for_rq_status(redis_client, handle.job_id, "stopped")
+    assert_untouched(redis_client, neighbours)
 
 
 def test_cancelling_a_running_job_stops_it_with_one_cancelled_entry(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    neighbours: list[JobHandle],
 ) -> None:
-    """cancel() ends the stream at once and stops the work horse; nothing is written after."""
+    """cancel() ends the stream at once and stops the job's task; nothing is written after."""
     handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
     workers.start()
     wait_for_tokens(handle, 3)
@@ -190,6 +224,22 @@ def test_cancelling_a_running_job_stops_it_with_one_cancelled_entry(
     assert handle.status() is JobState.CANCELLED
     assert lifecycle(redis_client, handle.job_id)[-1] is Event.CANCELLED
     assert not handle.cancel()
+    assert_untouched(redis_client, neighbours)
+
+
+def test_a_job_cancelled_through_rq_alone_is_noticed_and_ended(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis, env: dict[str, str]
+) -> None:
+    """RQ's own `job.cancel()` tells no worker; the heartbeat notices and ends the stream."""
+    from rq.job import Job
+
+    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
+    workers.start(env={"TOKENRELAY_HEARTBEAT_INTERVAL": "1"})
+    wait_for_tokens(handle, 3)
+    Job.fetch(handle.job_id, connection=redis_client, serializer=JSONSerializer).cancel()
+    error = the_error_eventually(redis_client, handle)
+    assert error.error_type == "cancelled"
+    assert rq_status(redis_client, handle.job_id) == "canceled"  # left as RQ set it
 
 
 def test_cancelling_a_queued_job_means_it_never_runs(
@@ -208,57 +258,82 @@ def test_cancelling_a_queued_job_means_it_never_runs(
     assert 0 < job_ttl <= relay.settings.stream_ttl
 
 
-def test_a_warm_shutdown_finishes_the_running_job(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis, llm_server: object
+def test_a_warm_shutdown_finishes_every_running_job(
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    neighbours: list[JobHandle],
 ) -> None:
-    """One SIGTERM lets the current generation finish, then the worker exits cleanly."""
-    handle = relay.submit("hi", model=llm.script(WORDS, token_delay=0.02))
+    """One SIGTERM stops taking jobs and lets every generation in flight finish; then exit 0."""
+    handle = relay.submit("hi", model=llm.script(WORDS, token_delay=0.05))
     worker = workers.start()
     wait_for_tokens(handle, 1)
     worker.signal(signal.SIGTERM)
+    wait_for_log(worker, "worker.warm_shutdown")
+    later = relay.submit("not taken any more", model=llm.script(["late"]))
     assert worker.wait(timeout=60) == 0
     [entry] = terminal_entries(redis_client, handle.job_id)
     assert isinstance(entry, EndEntry)
     assert handle.text(timeout=5) == "".join(WORDS)
+    assert_untouched(redis_client, neighbours)
+    assert later.status() is JobState.QUEUED
 
 
-def test_a_cold_shutdown_ends_the_running_job_with_one_error(
-    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+def test_a_cold_shutdown_ends_every_running_job_with_one_error(
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    neighbours: list[JobHandle],
 ) -> None:
-    """A second SIGTERM kills the running job; its stream gets a `WorkerShutdown` error."""
+    """A second SIGTERM stops every job in flight, each with its `WorkerShutdown` error."""
     handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
     worker = workers.start()
     wait_for_tokens(handle, 3)
+    for neighbour in neighbours:
+        wait_for_tokens(neighbour, 1)
     worker.signal(signal.SIGTERM)
-    wait_for_log(worker, "warm shut down requested")
-    time.sleep(1.1)  # RQ ignores a second signal within 1 s of the first, as a duplicate
+    wait_for_log(worker, "worker.warm_shutdown")
     worker.signal(signal.SIGTERM)
-    worker.wait(timeout=30)
-    error = the_error(redis_client, handle)
-    assert (error.error_type, error.retryable) == ("WorkerShutdown", True)
+    assert worker.wait(timeout=30) == 0
+    for job in [handle, *neighbours]:
+        error = the_error(redis_client, job)
+        assert (error.error_type, error.retryable) == ("WorkerShutdown", True)
+        assert rq_status(redis_client, job.job_id) == "failed"
 
 
-def the_error_eventually(client: Redis, handle: JobHandle) -> ErrorEntry:
-    """The job's error entry, once a reader sees it (a hook in another process writes it)."""
-    *_, last = handle.records(timeout=30)
-    assert isinstance(last.entry, ErrorEntry)
-    return the_error(client, handle)
-
-
-def wait_for_rq_status(client: Redis, job_id: str, status: str, timeout: float = 30) -> None:
-    """Poll RQ's job status until it is `status` (RQ's own bookkeeping has no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while rq_status(client, job_id) != status:
-        assert time.monotonic() < deadline, f"job {job_id} is {rq_status(client, job_id)}"
-        time.sleep(0.05)
-
-
-def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 30) -> None:
-    """Poll the worker's log until a line contains `text`."""
-    deadline = time.monotonic() + timeout
-    while not any(text in line["event"] for line in worker.logs()):
-        assert time.monotonic() < deadline, f"no log line with {text!r}"
-        time.sleep(0.05)
+def test_every_job_of_a_killed_worker_is_ended_by_the_clean_up(
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    settings: Settings,
+    neighbours: list[JobHandle],
+) -> None:
+    """SIGKILL of a worker holding several jobs: RQ's clean-up ends each one, not only one."""
+    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
+    worker = workers.start()
+    wait_for_tokens(handle, 3)
+    for neighbour in neighbours:
+        wait_for_tokens(neighbour, 1)
+    worker.signal(signal.SIGKILL)
+    worker.wait()
+    held = [handle, *neighbours]
+    assert all(terminal_entries(redis_client, job.job_id) == [] for job in held)
+    assert handle.status() is JobState.STARTED
+    # The dead worker's heartbeats lapse after a minute and a half; make that time pass.
+    wip = "rq:wip:tokenrelay"
+    redis_client.zadd(wip, dict.fromkeys(redis_client.zrange(wip, 0, -1), time.time() - 1))
+    live = RelayWorker(["tokenrelay"], connection=redis_client, settings=settings)
+    assert all(queue.job_class is RelayJob for queue in live.queues)  # the clean-up's job class
+    live.clean_up()  # a live worker's periodic maintenance
+    for job in held:
+        error = the_error(redis_client, job)
+        assert error.error_type == "AbandonedJobError"
+        assert error.message == "the worker running the job died or vanished (its heartbeat lapsed)"
+        assert error.retryable
+        assert rq_status(redis_client, job.job_id) == "failed"
 
 
 def test_an_api_key_quoted_back_by_the_server_is_redacted_everywhere(
@@ -266,7 +341,6 @@ def test_an_api_key_quoted_back_by_the_server_is_redacted_everywhere(
 ) -> None:
     """A server that repeats the key in its error: not in the entry, the logs, or RQ's record."""
     from rq.job import Job
-    from support.scripts import SECRET_KEY
 
     model = llm.script(status=401, error_message="Incorrect API key provided: {api_key}")
     handle = relay.submit("hi", model=model)

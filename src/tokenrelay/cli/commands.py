@@ -113,7 +113,13 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.worker.runner import run_worker
 
-    run_worker(settings, queues=args.queue or (), burst=args.burst, name=args.name)
+    run_worker(
+        settings,
+        queues=args.queue or (),
+        burst=args.burst,
+        name=args.name,
+        concurrency=args.concurrency,
+    )
     return EXIT_OK
 
 

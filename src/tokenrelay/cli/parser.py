@@ -18,6 +18,16 @@ from tokenrelay.stream.reader import BEGINNING
 Command = Callable[[argparse.Namespace, Settings], int]
 
 
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {raw!r}")
+    return value
+
+
 def _meta(raw: str) -> tuple[str, str]:
     key, sep, value = raw.partition("=")
     if not sep or not key:
@@ -106,8 +116,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     p.set_defaults(run=commands.cmd_cancel)
 
-    p = sub.add_parser("worker", help="run a worker (Ctrl-C: finish the job and stop; twice: now)")
+    p = sub.add_parser(
+        "worker", help="run a worker (Ctrl-C: finish the jobs in flight and stop; twice: now)"
+    )
     p.add_argument("--queue", action="append", help="queue to work on (repeatable)")
+    p.add_argument(
+        "--concurrency",
+        type=_positive,
+        metavar="N",
+        help="generations at once in this process (env TOKENRELAY_WORKER_CONCURRENCY, 100)",
+    )
     p.add_argument("--burst", action="store_true", help="stop when the queues are empty")
     p.add_argument("--name", help="worker name (default: generated)")
     p.set_defaults(run=commands.cmd_worker)

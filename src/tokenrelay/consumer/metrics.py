@@ -271,7 +271,7 @@ class MetricsAggregator:
                     if previous is not None:
                         gap = (at - previous) / 1000
                         seen.inc.observe("inter_token_latency_seconds", seen.model, gap)
-                    seen.tokens, previous = seen.tokens + 1, at
+                    seen.tokens, previous = seen.tokens + entry.count, at
                 elif isinstance(entry, StartEntry):
                     seen.start = entry
                 elif isinstance(entry, EndEntry | ErrorEntry):

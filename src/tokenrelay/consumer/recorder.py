@@ -69,7 +69,7 @@ class _Transcript:
             text.write(data)
             self.sha256.update(data)
             self.text_bytes += len(data)
-            self.tokens += 1
+            self.tokens += entry.count
         elif isinstance(entry, StartEntry):
             self.start = entry
         elif isinstance(entry, EndEntry | ErrorEntry):

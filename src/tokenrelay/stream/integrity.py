@@ -4,7 +4,7 @@ The viewer, `JobHandle`, the recorder and the metrics aggregator all feed the en
 read through a `StreamCheck`, so they agree on what a damaged stream is:
 
 - at most one `start`, and it comes first;
-- token `seq` numbers are consecutive: each is exactly the one after the previous;
+- token `seq` numbers are consecutive: each entry's is the previous one's `seq + n`;
 - one terminal entry (`end` or `error`), and nothing after it;
 - an `end` counts every token of the stream (`end.tokens`), when read from the start.
 
@@ -62,8 +62,8 @@ class StreamCheck:
             raise self._broken(
                 record, f"token {self.next_seq} expected, got {entry.seq} (a token is {what})"
             )
-        self.next_seq = entry.seq + 1
-        self.tokens += 1
+        self.next_seq = entry.seq + entry.count
+        self.tokens += entry.count
 
     def _broken(self, record: Record, what: str) -> ProtocolError:
         return ProtocolError(f"{self.key} is damaged at entry {record.id}: {what}")

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, NamedTuple, get_type_hints
 
 from tokenrelay.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class EntryKind(StrEnum):
@@ -56,11 +56,22 @@ class StartEntry:
 
 @dataclass(frozen=True)
 class TokenEntry:
-    """Generated text; `seq` numbers tokens from 0, so a reader can spot a gap or a repeat."""
+    """Generated text: `n` tokens (absent: one), the first numbered `seq`, counted from 0.
+
+    A worker writes the tokens that arrived while its previous write was in flight as one
+    entry, so the next entry's `seq` is this one's `seq + n`: a reader still spots a gap or
+    a repeat.
+    """
 
     kind: ClassVar[EntryKind] = EntryKind.TOKEN
     seq: int
     text: str
+    n: int | None = None
+
+    @property
+    def count(self) -> int:
+        """How many tokens the entry holds."""
+        return 1 if self.n is None else self.n
 
 
 @dataclass(frozen=True)

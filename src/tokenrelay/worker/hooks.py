@@ -1,14 +1,13 @@
-"""RQ's hooks for the ways a job ends outside the job function; each writes the `error` entry.
+"""RQ's callbacks for the ways a job ends; each writes the `error` entry unless there is one.
 
-RQ reports them through different hooks: the failure callback (an exception, a
-job timeout, and the abandoned-job cleanup of a dead worker's jobs), the stopped
-callback (a stop command), and the work-horse-killed handler. The job function
-writes its own terminal entry when it can; whichever comes second is a no-op.
+RQ calls the failure callback when a job raised or timed out, and when its clean-up finds a
+dead worker's job abandoned; the stopped callback after a stop command. The generation
+writes its own terminal entry whenever it can, so these are a safety net: for a worker that
+died, and for anything that ended a job before its generation could.
 """
 
 from __future__ import annotations
 
-import os
 from types import TracebackType
 
 import structlog
@@ -59,15 +58,3 @@ def on_stopped(job: Job, connection: Redis) -> None:
     """RQ stopped callback: a stop command killed the job's work horse."""
     entry = ErrorEntry("JobStopped", "the job was stopped on request", False, attempt_of(job))
     end_with_error(connection, job, entry)
-
-
-def on_work_horse_killed(job: Job, connection: Redis, status: int | None, reason: str = "") -> None:
-    """The process running the job died without ending it (an OOM kill, a SIGKILL, a crash)."""
-    if status is None:  # RQ killed it itself: it outlived its job timeout by a minute
-        how = "was killed after outliving its job timeout"
-    elif os.WIFSIGNALED(status):
-        how = f"was killed by signal {os.WTERMSIG(status)}"
-    else:
-        how = f"exited with status {os.waitstatus_to_exitcode(status)}"
-    message = f"the process running the job {how}{reason}"
-    end_with_error(connection, job, ErrorEntry("WorkHorseKilled", message, True, attempt_of(job)))

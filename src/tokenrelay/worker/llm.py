@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx2
 import openai
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
@@ -34,23 +35,42 @@ _MESSAGES: dict[type[BaseException], str] = {
 }
 
 
-def chat_model(settings: Settings, request: GenerationRequest) -> ChatOpenAI:
-    """A streaming client for the request's model, with its limits."""
-    max_tokens = request.max_tokens or settings.max_tokens
-    # langchain-openai sends `max_completion_tokens`, which llama.cpp's server ignores.
-    extra_body = {"max_tokens": max_tokens} if settings.send_legacy_max_tokens else None
-    return ChatOpenAI(
-        model=request.model or settings.model,
-        api_key=SecretStr(settings.openai_api_key.reveal() or NO_KEY),
-        base_url=settings.openai_base_url,
-        temperature=settings.temperature if request.temperature is None else request.temperature,
-        max_completion_tokens=max_tokens,
-        extra_body=extra_body,
-        streaming=True,
-        stream_usage=True,
-        timeout=settings.llm_timeout or None,
-        max_retries=settings.llm_max_retries,
-    )
+class ChatModels:
+    """The process's model clients: one HTTP connection pool, sized for the jobs in flight.
+
+    Every generation's `ChatOpenAI` shares it, so a thousand concurrent generations reuse
+    connections instead of each opening its own client.
+    """
+
+    def __init__(self, settings: Settings, *, connections: int) -> None:
+        self.settings = settings
+        limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.http = httpx2.AsyncClient(limits=limits)
+
+    def for_request(self, request: GenerationRequest) -> ChatOpenAI:
+        """A streaming client for the request's model, with its limits."""
+        settings = self.settings
+        max_tokens = request.max_tokens or settings.max_tokens
+        # langchain-openai sends `max_completion_tokens`, which llama.cpp's server ignores.
+        extra_body = {"max_tokens": max_tokens} if settings.send_legacy_max_tokens else None
+        temperature = settings.temperature if request.temperature is None else request.temperature
+        return ChatOpenAI(
+            model=request.model or settings.model,
+            api_key=SecretStr(settings.openai_api_key.reveal() or NO_KEY),
+            base_url=settings.openai_base_url,
+            temperature=temperature,
+            max_completion_tokens=max_tokens,
+            extra_body=extra_body,
+            streaming=True,
+            stream_usage=True,
+            timeout=settings.llm_timeout or None,
+            max_retries=settings.llm_max_retries,
+            http_async_client=self.http,
+        )
+
+    async def aclose(self) -> None:
+        """Close the shared HTTP connections."""
+        await self.http.aclose()
 
 
 def _describe(exc: BaseException) -> str:

@@ -6,30 +6,36 @@ from typing import Any
 from uuid import UUID
 
 import structlog
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.outputs import ChatGenerationChunk, GenerationChunk
 
-from tokenrelay.stream.writer import StreamWriter
+from tokenrelay.stream.batcher import BatchedStream
 
 log = structlog.get_logger()
 
 
-class TokenPublisher(BaseCallbackHandler):
-    """Publishes each new token as it is generated, up to `limit` tokens.
+class TokenPublisher(AsyncCallbackHandler):
+    """Hands each new token to the job's stream as it is generated, up to `limit` tokens.
 
-    `raise_error` makes LangChain re-raise what this handler raises, so a token
-    that could not be written fails the job instead of vanishing.
+    Attach it to any LangChain runnable's callbacks, and what its chat model streams reaches
+    the readers. A token costs a list append: the stream's batcher does the writing. Only
+    when Redis falls far behind does a token wait (`BatchedStream.backlogged`).
+
+    `raise_error` makes LangChain re-raise what this handler raises, so a token that cannot
+    be written (the job was cancelled, another writer took over) stops the generation
+    instead of vanishing; `run_inline` has it awaited in place, not gathered per token.
     """
 
     raise_error = True
+    run_inline = True
 
-    def __init__(self, writer: StreamWriter, limit: int, started: float) -> None:
-        self.writer = writer
+    def __init__(self, stream: BatchedStream, *, limit: int, started: float) -> None:
+        self.stream = stream
         self.limit = limit
         self.started = started
         self.over_limit = False
 
-    def on_llm_new_token(
+    async def on_llm_new_token(
         self,
         token: str | list[str | dict[str, Any]],
         *,
@@ -44,10 +50,14 @@ class TokenPublisher(BaseCallbackHandler):
             token = "".join(p if isinstance(p, str) else str(p.get("text", "")) for p in token)
         if not token:
             return
-        if self.writer.tokens >= self.limit:
+        stream = self.stream
+        if stream.tokens >= self.limit:
             self.over_limit = True
             return
-        self.writer.token(token)
-        if self.writer.tokens == 1 and self.writer.first_token_at is not None:
-            ttft_ms = (self.writer.first_token_at - self.started) * 1000
-            log.info("job.first_token", ttft_ms=round(ttft_ms, 3))
+        stream.add(token)
+        if stream.tokens == 1 and stream.first_token_at is not None:
+            log.info(
+                "job.first_token", ttft_ms=round((stream.first_token_at - self.started) * 1000, 3)
+            )
+        if stream.backlogged:
+            await stream.drain()

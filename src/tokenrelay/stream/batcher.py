@@ -1,0 +1,249 @@
+"""The worker's stream writer: every running job's new tokens, written together, in batches.
+
+A job adds tokens to its `BatchedStream` without any Redis round trip. One `StreamBatcher`
+per worker process writes them: whenever some stream has tokens waiting, it sends one
+pipeline holding one APPEND (see `stream.scripts`) per such stream, with all of that stream's
+waiting tokens as one entry (`n` tokens). Tokens that arrive while a pipeline is in flight
+wait for the next: a slow trickle is written at once, token by token; a fast burst in a few
+entries. A stream is never in two writes at once, so its entries land in order.
+
+A pipeline whose connection broke has an unknown outcome for each of its entries; each is
+sent again exactly as it was (the append script recognises the writer's own retried `seq`),
+before anything newer of its stream. Tokens wait in memory meanwhile, up to `MAX_PENDING` a
+stream; a job past that waits for its writes (`BatchedStream.backlogged`, `drain`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from redis import asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tokenrelay.stream import keys, scripts
+from tokenrelay.stream.protocol import LifecycleEvent, StartEntry, Terminal, TokenEntry
+from tokenrelay.stream.writer import new_writer_token, terminal_event
+
+log = structlog.get_logger()
+
+#: Tokens a stream may hold unwritten before its job waits for the writes.
+MAX_PENDING = 10_000
+
+#: The most streams one pipeline carries.
+MAX_STREAMS_PER_FLUSH = 1_000
+
+#: Seconds before a pipeline whose connection broke is tried again (doubling, up to 2 s).
+RETRY_DELAY = 0.05
+
+
+def _well_formed(text: str) -> str:
+    """Join surrogate pairs split by the server's JSON encoding; replace lone ones with U+FFFD."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+class BatchedStream:
+    """One job's stream, written through its process's `StreamBatcher`: one writer, in order."""
+
+    def __init__(self, batcher: StreamBatcher, job_id: str, *, ttl: int, events_cap: int) -> None:
+        self.job_id = job_id
+        self.writer_token = new_writer_token()
+        self.ttl = ttl
+        self.events_cap = events_cap
+        self.tokens = 0  # taken so far (written or waiting)
+        self.first_token_at: float | None = None
+        self.error: Exception | None = None  # why the stream refused this writer
+        self._batcher = batcher
+        self._keys = scripts.stream_keys(job_id)
+        self._pending: list[str] = []
+        self._next_seq = 0  # the seq of the next entry to send
+        self._sending: TokenEntry | None = None  # in flight, or to be sent again as it was
+        self._held = ""  # a high surrogate whose low half may come with the next token
+        self._written = asyncio.Event()
+        self._written.set()
+        self._expiry_renewed = time.monotonic()
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether the job should wait for its tokens to be written before adding more."""
+        return len(self._pending) >= MAX_PENDING
+
+    async def begin(self, start: StartEntry, *, queue: str | None) -> None:
+        """Write the `start` entry; this stream's writer token becomes the only one allowed."""
+        args = scripts.begin_args(start, ttl=self.ttl, queue=queue, events_cap=self.events_cap)
+        await self._batcher.run(scripts.BEGIN, scripts.with_events(self.job_id), args)
+
+    def add(self, text: str) -> None:
+        """Take one token to write; raises the stream's refusal once it refused this writer."""
+        if self.error is not None:
+            raise self.error
+        if self._held:
+            text, self._held = self._held + text, ""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            if "\ud800" <= text[-1] <= "\udbff":
+                text, self._held = text[:-1], text[-1]
+            text = self._repaired(text)
+        if text:  # an empty delta carries nothing to show
+            self._take(text)
+
+    def _take(self, text: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
+        self._pending.append(text)
+        self.tokens += 1
+        self._written.clear()
+        self._batcher.mark(self)
+
+    def _repaired(self, text: str) -> str:
+        fixed = _well_formed(text)
+        if "\ufffd" in fixed:
+            log.warning("token.unencodable", seq=self.tokens, replaced=fixed.count("\ufffd"))
+        return fixed
+
+    async def drain(self) -> None:
+        """Wait until every token taken is written; raises the stream's refusal, if any."""
+        if self._held:  # the model's stream is over: a lone high surrogate stays lone
+            held, self._held = self._held, ""
+            self._take(self._repaired(held))
+        await self._written.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def close(
+        self, entry: Terminal, *, queue: str | None, model: str | None, nonce: str
+    ) -> bool:
+        """Write the terminal entry after every token; False if the stream ended elsewhere."""
+        if self.error is None:
+            await self.drain()
+        event: LifecycleEvent = terminal_event(self.job_id, entry, queue, model)
+        args = scripts.close_args(
+            entry,
+            event,
+            writer=self.writer_token,
+            nonce=nonce,
+            ttl=self.ttl,
+            events_cap=self.events_cap,
+        )
+        closed = await self._batcher.run(scripts.CLOSE, scripts.with_events(self.job_id), args)
+        return closed is not None
+
+    # Called by the batcher.
+
+    def _next_entry(self) -> tuple[TokenEntry, int] | None:
+        """The entry to send now and the TTL to renew (0: none), or None if nothing waits."""
+        if self._sending is None:
+            if not self._pending or self.error is not None:
+                return None
+            count = len(self._pending)
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._sending = TokenEntry(self._next_seq, text, count if count > 1 else None)
+        now = time.monotonic()
+        renew = now - self._expiry_renewed > self.ttl / 4
+        if renew:
+            self._expiry_renewed = now
+        return self._sending, self.ttl if renew else 0
+
+    def _sent(self) -> None:
+        assert self._sending is not None
+        self._next_seq = self._sending.seq + self._sending.count
+        self._sending = None
+        if self._pending:
+            self._batcher.mark(self)
+        else:
+            self._written.set()
+
+    def _refused(self, error: Exception) -> None:
+        log.info("stream.refused", job_id=self.job_id, reason=str(error))
+        self.error = error
+        self._sending = None
+        self._pending.clear()
+        self._written.set()
+
+
+class StreamBatcher:
+    """Writes the new tokens of every stream of one process, one pipeline at a time."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.flushes = 0  # pipelines sent
+        self.entries = 0  # token entries written
+        self._waiting: dict[BatchedStream, None] = {}  # an ordered set
+        self._wake = asyncio.Event()
+
+    def stream(
+        self, job_id: str, *, ttl: int, events_cap: int = keys.EVENTS_HARD_CAP
+    ) -> BatchedStream:
+        """A new stream writer for one attempt at a job."""
+        return BatchedStream(self, job_id, ttl=ttl, events_cap=events_cap)
+
+    def mark(self, stream: BatchedStream) -> None:
+        """Note that `stream` has tokens to write."""
+        self._waiting[stream] = None
+        self._wake.set()
+
+    async def run(self, script: scripts.Script, script_keys: list[str], args: list[str]) -> Any:
+        """Run one script now (a begin or a close), loading it if Redis lost it."""
+        try:
+            try:
+                return await self.client.evalsha(script.sha, len(script_keys), *script_keys, *args)
+            except NoScriptError:
+                return await self.client.eval(script.source, len(script_keys), *script_keys, *args)
+        except ResponseError as exc:
+            raise scripts.refusal(str(exc)) from None
+
+    async def serve(self) -> None:
+        """Write tokens as they come, until cancelled."""
+        delay = RETRY_DELAY
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                if await self._flush():
+                    delay = RETRY_DELAY
+                else:  # the connection broke: wait, then send the same entries again
+                    await asyncio.sleep(delay)
+                    delay = min(2.0, delay * 2)
+
+    async def _flush(self) -> bool:
+        """Send one pipeline; False if its connection broke (its entries are to be resent)."""
+        batch: list[tuple[BatchedStream, TokenEntry]] = []
+        pipe = self.client.pipeline(transaction=False)
+        while self._waiting and len(batch) < MAX_STREAMS_PER_FLUSH:
+            stream = next(iter(self._waiting))
+            del self._waiting[stream]
+            taken = stream._next_entry()
+            if taken is None:
+                continue
+            entry, ttl = taken
+            args = scripts.append_args(stream.writer_token, entry, ttl=ttl)
+            pipe.evalsha(scripts.APPEND.sha, 2, *stream._keys, *args)
+            batch.append((stream, entry))
+        if not batch:
+            return True
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("stream.write_failed", streams=len(batch), error=str(exc))
+            for stream, _ in batch:
+                self._waiting[stream] = None
+            return False
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            await self.client.script_load(scripts.APPEND.source)  # after a Redis restart
+            for stream, _ in batch:  # not one of them ran: send them all again
+                self._waiting[stream] = None
+            return True
+        self.flushes += 1
+        for (stream, _), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                stream._refused(scripts.refusal(str(reply)))
+            else:
+                self.entries += 1
+                stream._sent()
+        return True

@@ -1,0 +1,352 @@
+"""The concurrent worker: up to N generations at once on one event loop, for the process's life.
+
+A slot is taken before a job: the loop waits for a free one, then takes the next job off the
+queue with a blocking move (so an idle worker starts a new job at once), and runs it as a
+task. Each task has its own timeout and its own way to be stopped (a stop command, a cancel
+noticed at the heartbeat, a cold shutdown); the worker records why before cancelling it,
+and the generation ends its stream with that reason. RQ's bookkeeping runs in a small pool
+of threads; nothing on a token's way blocks the loop.
+
+Signals: the first SIGINT or SIGTERM stops taking jobs and lets the running ones finish (warm
+shutdown); a second one stops them all at once, each with a `WorkerShutdown` error (cold).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import signal
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from rq import Queue
+from rq.executions import Execution
+from rq.job import JobStatus
+from rq.timeouts import JobTimeoutException
+
+from tokenrelay.connection import async_client_for
+from tokenrelay.errors import StreamClosedError, WorkerShutdownError, WriterFencedError
+from tokenrelay.settings import Settings
+from tokenrelay.stream.batcher import StreamBatcher
+from tokenrelay.stream.protocol import CANCELLED, ErrorEntry, text
+from tokenrelay.worker.generation import JobRun, generate
+from tokenrelay.worker.lag import LoopLag
+from tokenrelay.worker.llm import ChatModels
+from tokenrelay.worker.rq_worker import RelayJob, RelayWorker
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+#: Threads for RQ's (blocking) bookkeeping: taking, admitting, finishing, heartbeats.
+BOOKKEEPING_THREADS = 16
+
+#: Seconds one wait for a job on the queue lasts before the loop looks around again.
+DEQUEUE_WAIT = 1
+
+#: Seconds to wait before trying the queue again after Redis failed.
+RETRY_DELAY = 1.0
+
+
+@dataclass
+class _Running:
+    """A job in flight: its task, what it runs, and RQ's record of it."""
+
+    task: asyncio.Task[None]
+    run: JobRun
+    execution: Execution | None = None
+    reason: str | None = None  # why the worker stopped it: timeout, stopped, lost, shutdown
+
+
+class WorkerLoop:
+    """Runs jobs from `worker`'s queues, up to `concurrency` at once, until stopped."""
+
+    def __init__(
+        self, worker: RelayWorker, settings: Settings, *, concurrency: int, burst: bool = False
+    ) -> None:
+        self.worker = worker
+        self.settings = settings
+        self.concurrency = concurrency
+        self.burst = burst
+        self.running: dict[str, _Running] = {}  # by job id
+        self.lag = LoopLag(settings.loop_lag_limit)
+        self._stopping = asyncio.Event()
+        self._cold = False
+        self._slots = asyncio.Semaphore(concurrency)
+        self._pool = ThreadPoolExecutor(BOOKKEEPING_THREADS, thread_name_prefix="rq-bookkeeping")
+
+    async def run(self) -> None:
+        """Work until stopped (or, in burst mode, until the queues are empty)."""
+        loop = asyncio.get_running_loop()
+        self.worker.on_command = lambda payload: loop.call_soon_threadsafe(self._command, payload)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._signal, signum)
+        self.redis = async_client_for(self.settings)
+        self.batcher = StreamBatcher(self.redis)
+        self.models = ChatModels(self.settings, connections=self.concurrency)
+        background = [
+            asyncio.create_task(self.batcher.serve(), name="stream-batcher"),
+            asyncio.create_task(self.lag.watch(), name="loop-lag"),
+            asyncio.create_task(self._heartbeats(), name="heartbeats"),
+            asyncio.create_task(self._maintenance(), name="maintenance"),
+        ]
+        try:
+            await self._take_jobs()
+            while self.running:  # the warm shutdown: the jobs in flight finish
+                await asyncio.wait([r.task for r in self.running.values()])
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.models.aclose()
+            await self.redis.aclose()
+            self._pool.shutdown(wait=True)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    async def _sync(self, function: Callable[..., T], *args: Any) -> T:
+        """Run blocking RQ bookkeeping in the pool, with this task's log context."""
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, context.run, function, *args)
+
+    # Taking jobs.
+
+    async def _take_jobs(self) -> None:
+        while not self._stopping.is_set():
+            if self.lag.overloaded:
+                await _within(self.lag.calm(), DEQUEUE_WAIT)
+                continue
+            if not await _within(self._slots.acquire(), DEQUEUE_WAIT):
+                continue
+            try:
+                taken = await self._next_job()
+            except Exception:  # Redis is down, or a job could not be read: look again soon
+                self._slots.release()
+                log.exception("worker.dequeue_failed")
+                await _within(self._stopping.wait(), RETRY_DELAY)
+                continue
+            if taken is None:
+                self._slots.release()
+                if self.burst and not self.running:
+                    return
+                continue
+            self._start(*taken)
+
+    async def _next_job(self) -> tuple[RelayJob, Queue] | None:
+        """The next job of the queues: waited for (a second at most), or at once in burst mode."""
+        queues = self.worker.queues
+        target = None
+        if len(queues) == 1:  # RQ's own way: through the intermediate list, which RQ reaps
+            queue = queues[0]
+            source, target = queue.key, queue.intermediate_queue_key
+            if self.burst:
+                job_id = await self.redis.lmove(source, target, "LEFT", "RIGHT")
+            else:
+                job_id = await self.redis.blmove(source, target, DEQUEUE_WAIT, "LEFT", "RIGHT")
+            queue_key = source
+        else:
+            popped = await self._pop([q.key for q in queues])
+            if popped is None:
+                return None
+            queue_key, job_id = popped
+        if job_id is None:
+            if self.burst:
+                await asyncio.sleep(0.05)
+            return None
+        if self._stopping.is_set():  # it came during the wait, after the warm shutdown began
+            await self._give_back(job_id, queue_key, intermediate=target)
+            return None
+        return await self._sync(self.worker.take, text(job_id), text(queue_key))
+
+    async def _give_back(self, job_id: Any, queue_key: Any, *, intermediate: str | None) -> None:
+        """Put a job taken off its queue back at the front, for another worker to take."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if intermediate is not None:
+                pipe.lrem(intermediate, 1, job_id)
+            pipe.lpush(queue_key, job_id)
+            await pipe.execute()
+
+    async def _pop(self, queue_keys: list[str]) -> tuple[Any, Any] | None:
+        if not self.burst:
+            popped: Any = await self.redis.blpop(queue_keys, DEQUEUE_WAIT)
+            return None if popped is None else (popped[0], popped[1])
+        for key in queue_keys:
+            job_id = await self.redis.lpop(key)
+            if job_id is not None:
+                return key, job_id
+        return None
+
+    def _start(self, job: RelayJob, queue: Queue) -> None:
+        run = JobRun(job, self.settings, self.batcher, self.models, worker=self.worker.name)
+        task = asyncio.create_task(self._execute(run, queue), name=f"job-{job.id}")
+        self.running[job.id] = _Running(task, run)
+
+    # Running one job.
+
+    async def _execute(self, run: JobRun, queue: Queue) -> None:
+        job = run.job
+        entry = self.running[job.id]
+        with structlog.contextvars.bound_contextvars(job_id=job.id, attempt=run.attempt):
+            try:
+                execution = await self._sync(self.worker.admit, job)
+                entry.execution = execution
+                await self._perform(run, queue, execution, entry)
+            except Exception:
+                log.exception("worker.job_bookkeeping_failed")
+            finally:
+                del self.running[job.id]
+                self._slots.release()
+
+    async def _perform(
+        self, run: JobRun, queue: Queue, execution: Execution, entry: _Running
+    ) -> None:
+        job, worker = run.job, self.worker
+        assert isinstance(job, RelayJob)
+        timeout = None if job.timeout == -1 else (job.timeout or Queue.DEFAULT_TIMEOUT)
+        timer = None
+        if timeout is not None:
+            message = f"the job ran longer than its timeout ({timeout} s)"
+            stop = ErrorEntry("JobTimeoutException", message, True, run.attempt)
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(timeout, self._stop, job.id, "timeout", stop)
+        try:
+            result = await generate(run)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._stopped(run, queue, execution, entry.reason))
+            if entry.reason is None:
+                raise  # not the worker's doing: the loop itself is going away
+        except StreamClosedError:  # ended elsewhere: a cancel
+            await asyncio.shield(self._sync(worker.finish_stopped, job, queue, execution))
+        except WriterFencedError:  # the job runs in another worker too: that run is the job's
+            await asyncio.shield(self._sync(worker.drop, job, execution))
+        except Exception:
+            failure = sys.exc_info()
+            await asyncio.shield(self._sync(worker.finish_failed, job, queue, execution, failure))
+        else:
+            await asyncio.shield(self._sync(worker.finish_ok, job, queue, execution, result))
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _stopped(
+        self, run: JobRun, queue: Queue, execution: Execution, reason: str | None
+    ) -> None:
+        """RQ's record of a job the worker stopped, by why it stopped it."""
+        job, worker = run.job, self.worker
+        if reason == "stopped":
+            await self._sync(worker.finish_stopped, job, queue, execution)
+        elif reason == "lost":
+            await self._sync(worker.drop, job, execution)
+        else:
+            assert run.stop is not None or reason is None
+            error: BaseException = (
+                JobTimeoutException(run.stop.message)
+                if reason == "timeout" and run.stop is not None
+                else WorkerShutdownError("the worker stopped while running the job")
+            )
+            failure = (type(error), error, None)
+            await self._sync(worker.finish_failed, job, queue, execution, failure)
+
+    def _stop(self, job_id: str, reason: str, entry: ErrorEntry) -> None:
+        """Stop one running job, the stream to end with `entry` (on the loop's thread)."""
+        running = self.running.get(job_id)
+        if running is None or running.task.done() or running.reason is not None:
+            return
+        running.reason = reason
+        running.run.stop = entry
+        running.task.cancel()
+        log.info("job.stopping", job_id=job_id, reason=reason)
+
+    # Commands, signals, heartbeats, maintenance.
+
+    def _command(self, payload: dict[str, Any]) -> None:
+        """A command from RQ's pubsub (stop a job, shut down), on the loop's thread."""
+        command = payload.get("command")
+        if command == "stop-job":
+            job_id = str(payload.get("job_id"))
+            running = self.running.get(job_id)
+            attempt = running.run.attempt if running else 1
+            stop = ErrorEntry("JobStopped", "the job was stopped on request", False, attempt)
+            self._stop(job_id, "stopped", stop)
+        elif command == "stop-execution":
+            for job_id, running in list(self.running.items()):
+                if running.execution is not None and running.execution.id == payload.get(
+                    "execution_id"
+                ):
+                    stop = ErrorEntry("JobStopped", "the job was stopped on request", False, 1)
+                    self._stop(job_id, "stopped", stop)
+        elif command == "shutdown":
+            self._signal(signal.SIGTERM)
+        else:
+            log.info("worker.command_ignored", command=command)
+
+    def _signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not self._stopping.is_set():
+            self._stopping.set()
+            log.info("worker.warm_shutdown", signal=name, in_flight=len(self.running))
+            return
+        if self._cold:
+            return
+        self._cold = True
+        log.warning("worker.cold_shutdown", signal=name, in_flight=len(self.running))
+        for job_id, running in list(self.running.items()):
+            stop = ErrorEntry(
+                "WorkerShutdown",
+                "the worker was shut down while running the job",
+                True,
+                running.run.attempt,
+            )
+            self._stop(job_id, "shutdown", stop)
+
+    async def _heartbeats(self) -> None:
+        """Every `heartbeat_interval`: RQ's heartbeats; jobs cancelled elsewhere are stopped."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            executions = {
+                r.execution.id: job_id for job_id, r in self.running.items() if r.execution
+            }
+            known = [r.execution for r in self.running.values() if r.execution is not None]
+            try:
+                gone = await self._sync(self.worker.tick, known)
+            except Exception:
+                log.exception("worker.heartbeat_failed")
+                continue
+            for execution_id, status in gone.items():
+                job_id = executions.get(execution_id)
+                if job_id is not None and job_id in self.running:
+                    self._lost(job_id, status)
+
+    def _lost(self, job_id: str, status: str | None) -> None:
+        """A running job's RQ status changed elsewhere: a `job.cancel()`, or a clean-up."""
+        running = self.running[job_id]
+        if status == JobStatus.CANCELED:
+            stop = ErrorEntry(CANCELLED, "cancelled on request", False, running.run.attempt)
+        else:
+            stop = ErrorEntry(
+                "JobLost", "the job was ended elsewhere while it ran", True, running.run.attempt
+            )
+        self._stop(job_id, "lost", stop)
+
+    async def _maintenance(self) -> None:
+        """Every `maintenance_interval`: end abandoned jobs, tidy RQ, trim lifecycle events."""
+        while True:
+            try:
+                await self._sync(self.worker.clean_up)
+            except Exception:
+                log.exception("worker.maintenance_failed")
+            await asyncio.sleep(self.settings.maintenance_interval)
+
+
+async def _within(awaitable: Any, seconds: float) -> bool:
+    """Await it for at most `seconds`; whether it finished."""
+    try:
+        await asyncio.wait_for(awaitable, seconds)
+    except TimeoutError:
+        return False
+    return True
