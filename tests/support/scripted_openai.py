@@ -185,6 +185,7 @@ class _Server(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: many workers' requests arrive at once
 
     def __init__(self, handler: partial[_Handler]) -> None:
         self._live_lock = threading.Lock()

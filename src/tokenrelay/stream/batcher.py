@@ -3,9 +3,10 @@
 A job adds tokens to its `BatchedStream` without any Redis round trip. One `StreamBatcher`
 per worker process writes them: whenever some stream has tokens waiting, it sends one
 pipeline holding one APPEND (see `stream.scripts`) per such stream, with all of that stream's
-waiting tokens as one entry (`n` tokens). Tokens that arrive while a pipeline is in flight
-wait for the next: a slow trickle is written at once, token by token; a fast burst in a few
-entries. A stream is never in two writes at once, so its entries land in order.
+waiting tokens as one entry (`n` tokens). Tokens that arrive while a pipeline is in flight, or
+within `MIN_INTERVAL` of the last one, wait for the next: a slow trickle is written at once,
+token by token; a fast burst in a few entries. A stream is never in two writes at once, so its
+entries land in order.
 
 A pipeline whose connection broke has an unknown outcome for each of its entries; each is
 sent again exactly as it was (the append script recognises the writer's own retried `seq`),
@@ -39,6 +40,11 @@ MAX_STREAMS_PER_FLUSH = 1_000
 
 #: Seconds before a pipeline whose connection broke is tried again (doubling, up to 2 s).
 RETRY_DELAY = 0.05
+
+#: The least time between two pipelines. A token that comes after a quiet spell is written at
+#: once; in a burst, what comes within this time shares one entry a stream, and one pipeline
+#: carries every stream's.
+MIN_INTERVAL = 0.002
 
 
 def _well_formed(text: str) -> str:
@@ -201,10 +207,16 @@ class StreamBatcher:
     async def serve(self) -> None:
         """Write tokens as they come, until cancelled."""
         delay = RETRY_DELAY
+        loop = asyncio.get_running_loop()
+        last = 0.0
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._waiting:
+                wait = last + MIN_INTERVAL - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                last = loop.time()
                 if await self._flush():
                     delay = RETRY_DELAY
                 else:  # the connection broke: wait, then send the same entries again

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import httpx2
 import openai
 from langchain_openai import ChatOpenAI
@@ -35,27 +37,46 @@ _MESSAGES: dict[type[BaseException], str] = {
 }
 
 
+#: How many differently configured model clients a worker keeps (model, temperature, limit).
+_KEPT_CLIENTS = 64
+
+
 class ChatModels:
     """The process's model clients: one HTTP connection pool, sized for the jobs in flight.
 
     Every generation's `ChatOpenAI` shares it, so a thousand concurrent generations reuse
-    connections instead of each opening its own client.
+    connections instead of each opening its own client; and jobs that ask for the same
+    model, temperature and limit share one `ChatOpenAI` (building one costs milliseconds).
     """
 
     def __init__(self, settings: Settings, *, connections: int) -> None:
         self.settings = settings
         limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
         self.http = httpx2.AsyncClient(limits=limits)
+        self._clients: OrderedDict[tuple[str, float, int], ChatOpenAI] = OrderedDict()
 
     def for_request(self, request: GenerationRequest) -> ChatOpenAI:
         """A streaming client for the request's model, with its limits."""
         settings = self.settings
+        model = request.model or settings.model
         max_tokens = request.max_tokens or settings.max_tokens
+        temperature = settings.temperature if request.temperature is None else request.temperature
+        key = (model, temperature, max_tokens)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = self._build(model, temperature, max_tokens)
+            if len(self._clients) > _KEPT_CLIENTS:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(key)
+        return client
+
+    def _build(self, model: str, temperature: float, max_tokens: int) -> ChatOpenAI:
+        settings = self.settings
         # langchain-openai sends `max_completion_tokens`, which llama.cpp's server ignores.
         extra_body = {"max_tokens": max_tokens} if settings.send_legacy_max_tokens else None
-        temperature = settings.temperature if request.temperature is None else request.temperature
         return ChatOpenAI(
-            model=request.model or settings.model,
+            model=model,
             api_key=SecretStr(settings.openai_api_key.reveal() or NO_KEY),
             base_url=settings.openai_base_url,
             temperature=temperature,

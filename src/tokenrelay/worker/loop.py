@@ -48,6 +48,9 @@ BOOKKEEPING_THREADS = 16
 #: Seconds one wait for a job on the queue lasts before the loop looks around again.
 DEQUEUE_WAIT = 1
 
+#: The most jobs taken off the queues in one round trip.
+DEQUEUE_BATCH = 50
+
 #: Seconds to wait before trying the queue again after Redis failed.
 RETRY_DELAY = 1.0
 
@@ -76,7 +79,9 @@ class WorkerLoop:
         self.lag = LoopLag(settings.loop_lag_limit)
         self._stopping = asyncio.Event()
         self._cold = False
-        self._slots = asyncio.Semaphore(concurrency)
+        self._busy = 0  # jobs taken off a queue and not yet over (being admitted, or running)
+        self._slot_freed = asyncio.Event()
+        self._admissions: set[asyncio.Task[None]] = set()
         self._pool = ThreadPoolExecutor(BOOKKEEPING_THREADS, thread_name_prefix="rq-bookkeeping")
 
     async def run(self) -> None:
@@ -96,8 +101,8 @@ class WorkerLoop:
         ]
         try:
             await self._take_jobs()
-            while self.running:  # the warm shutdown: the jobs in flight finish
-                await asyncio.wait([r.task for r in self.running.values()])
+            while self.running or self._admissions:  # warm shutdown: the jobs in flight finish
+                await asyncio.wait([*self._admissions, *(r.task for r in self.running.values())])
         finally:
             for task in background:
                 task.cancel()
@@ -121,47 +126,85 @@ class WorkerLoop:
             if self.lag.overloaded:
                 await _within(self.lag.calm(), DEQUEUE_WAIT)
                 continue
-            if not await _within(self._slots.acquire(), DEQUEUE_WAIT):
+            free = self.concurrency - self._busy
+            if free <= 0:
+                self._slot_freed.clear()
+                await _within(self._slot_freed.wait(), DEQUEUE_WAIT)
                 continue
             try:
-                taken = await self._next_job()
-            except Exception:  # Redis is down, or a job could not be read: look again soon
-                self._slots.release()
+                taken = await self._next_jobs(min(free, DEQUEUE_BATCH))
+            except Exception:  # Redis is down, or the queue could not be read: look again soon
                 log.exception("worker.dequeue_failed")
                 await _within(self._stopping.wait(), RETRY_DELAY)
                 continue
-            if taken is None:
-                self._slots.release()
-                if self.burst and not self.running:
-                    return
-                continue
+            if not taken and self.burst and not self._busy:
+                return
+            for job_id, queue_key in taken:
+                self._busy += 1
+                admission = asyncio.create_task(self._admit(job_id, queue_key))
+                self._admissions.add(admission)
+                admission.add_done_callback(self._admissions.discard)
+
+    async def _admit(self, job_id: str, queue_key: str) -> None:
+        """Fetch a job moved off its queue and start it, beside the loop's next dequeue."""
+        try:
+            taken = await self._sync(self.worker.take, job_id, queue_key)
+        except Exception:
+            log.exception("worker.take_failed", job_id=job_id)
+            taken = None
+        if taken is None:
+            self._release()
+        else:
             self._start(*taken)
 
-    async def _next_job(self) -> tuple[RelayJob, Queue] | None:
-        """The next job of the queues: waited for (a second at most), or at once in burst mode."""
+    def _release(self) -> None:
+        self._busy -= 1
+        self._slot_freed.set()
+
+    async def _next_jobs(self, want: int) -> list[tuple[str, str]]:
+        """Up to `want` job ids off the queues, with the queue each was on.
+
+        Takes what is there at once; with nothing there, waits (a second at most) for one,
+        so an idle worker starts a new job the moment it is queued. In burst mode, never waits.
+        """
         queues = self.worker.queues
-        target = None
         if len(queues) == 1:  # RQ's own way: through the intermediate list, which RQ reaps
             queue = queues[0]
-            source, target = queue.key, queue.intermediate_queue_key
-            if self.burst:
-                job_id = await self.redis.lmove(source, target, "LEFT", "RIGHT")
-            else:
-                job_id = await self.redis.blmove(source, target, DEQUEUE_WAIT, "LEFT", "RIGHT")
-            queue_key = source
+            moved = await self._move(queue.key, queue.intermediate_queue_key, want)
+            taken = [(job_id, queue.key, queue.intermediate_queue_key) for job_id in moved]
         else:
-            popped = await self._pop([q.key for q in queues])
-            if popped is None:
-                return None
-            queue_key, job_id = popped
-        if job_id is None:
-            if self.burst:
-                await asyncio.sleep(0.05)
-            return None
-        if self._stopping.is_set():  # it came during the wait, after the warm shutdown began
-            await self._give_back(job_id, queue_key, intermediate=target)
-            return None
-        return await self._sync(self.worker.take, text(job_id), text(queue_key))
+            taken = [(job_id, key, None) for key, job_id in await self._pop(queues, want)]
+        if self._stopping.is_set():  # they came during the wait, after the warm shutdown began
+            for job_id, queue_key, intermediate in taken:
+                await self._give_back(job_id, queue_key, intermediate=intermediate)
+            return []
+        if not taken and self.burst:
+            await asyncio.sleep(0.05)
+        return [(text(job_id), queue_key) for job_id, queue_key, _ in taken]
+
+    async def _move(self, source: str, target: str, want: int) -> list[Any]:
+        """LMOVE up to `want` ids in one round trip; if there were none, BLMOVE one."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _ in range(want):
+                pipe.lmove(source, target, "LEFT", "RIGHT")
+            moved = [job_id for job_id in await pipe.execute() if job_id is not None]
+        if moved or self.burst:
+            return moved
+        job_id = await self.redis.blmove(source, target, DEQUEUE_WAIT, "LEFT", "RIGHT")
+        return [] if job_id is None else [job_id]
+
+    async def _pop(self, queues: list[Queue], want: int) -> list[tuple[str, Any]]:
+        """LPOP up to `want` ids off the queues, in order; if none, BLPOP one."""
+        taken: list[tuple[str, Any]] = []
+        for queue in queues:
+            popped: Any = await self.redis.lpop(queue.key, want - len(taken))
+            taken += [(queue.key, job_id) for job_id in popped or []]
+            if len(taken) >= want:
+                return taken
+        if taken or self.burst:
+            return taken
+        popped = await self.redis.blpop([q.key for q in queues], DEQUEUE_WAIT)
+        return [] if popped is None else [(text(popped[0]), popped[1])]
 
     async def _give_back(self, job_id: Any, queue_key: Any, *, intermediate: str | None) -> None:
         """Put a job taken off its queue back at the front, for another worker to take."""
@@ -170,16 +213,6 @@ class WorkerLoop:
                 pipe.lrem(intermediate, 1, job_id)
             pipe.lpush(queue_key, job_id)
             await pipe.execute()
-
-    async def _pop(self, queue_keys: list[str]) -> tuple[Any, Any] | None:
-        if not self.burst:
-            popped: Any = await self.redis.blpop(queue_keys, DEQUEUE_WAIT)
-            return None if popped is None else (popped[0], popped[1])
-        for key in queue_keys:
-            job_id = await self.redis.lpop(key)
-            if job_id is not None:
-                return key, job_id
-        return None
 
     def _start(self, job: RelayJob, queue: Queue) -> None:
         run = JobRun(job, self.settings, self.batcher, self.models, worker=self.worker.name)
@@ -200,7 +233,7 @@ class WorkerLoop:
                 log.exception("worker.job_bookkeeping_failed")
             finally:
                 del self.running[job.id]
-                self._slots.release()
+                self._release()
 
     async def _perform(
         self, run: JobRun, queue: Queue, execution: Execution, entry: _Running
