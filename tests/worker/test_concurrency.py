@@ -157,3 +157,28 @@ def test_a_late_loop_stops_taking_jobs_until_it_keeps_time_again() -> None:
     assert (during, after) == (True, False)
     assert [line["event"] for line in logs] == ["worker.loop_lag_high", "worker.loop_lag_ok"]
     assert logs[0]["lag_ms"] >= 200
+
+
+def test_each_worker_exports_its_loop_lag_and_load_as_metrics(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """A running worker's loop lag, jobs in flight and writes reach the Prometheus exporter."""
+    from prometheus_client import generate_latest
+
+    from tokenrelay.consumer.exporter import metrics_registry
+
+    handle = relay.submit("hi", model=llm.script([" a", " b"], stall_after=1))
+    workers.start("--name", "gauged", env={"TOKENRELAY_HEARTBEAT_INTERVAL": "1"})
+    wait_for_tokens(handle, 1)
+    deadline = time.monotonic() + 30
+    while not redis_client.exists("tokenrelay:worker:gauged"):
+        assert time.monotonic() < deadline, "the worker wrote no stats"
+        time.sleep(0.05)
+    text = generate_latest(metrics_registry(redis_client)).decode()
+    assert 'tokenrelay_worker_jobs_in_flight{worker="gauged"} 1.0' in text
+    assert 'tokenrelay_worker_taking_jobs{worker="gauged"} 1.0' in text
+    [lag_line] = [
+        x for x in text.splitlines() if x.startswith("tokenrelay_worker_loop_lag_seconds{")
+    ]
+    assert 0 <= float(lag_line.split()[-1]) < 1
+    assert 'tokenrelay_worker_token_entries_total{worker="gauged"} 1.0' in text

@@ -24,6 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis import Redis
+from rq import Worker
+from rq.serializers import JSONSerializer
 
 from tokenrelay.consumer.group import GroupConsumer
 from tokenrelay.consumer.metrics import (
@@ -35,6 +37,7 @@ from tokenrelay.consumer.metrics import (
 )
 from tokenrelay.stream import keys
 from tokenrelay.stream.events import group_lags
+from tokenrelay.stream.keys import WorkerStat
 from tokenrelay.stream.protocol import text
 from tokenrelay.terminal import printable
 
@@ -132,6 +135,39 @@ class RedisCollector(Collector):
                 histogram.add_metric([model], h.cumulative(bounds), h.sum)
             yield histogram
         yield from self._consumers()
+        yield from self._workers()
+
+    def _workers(self) -> Iterator[Metric]:
+        """Each live worker's gauges, from the stats it writes at every heartbeat."""
+        gauges = {
+            WorkerStat.LOOP_LAG: (
+                "worker_loop_lag_seconds",
+                "Worst event-loop lag since the last heartbeat.",
+            ),
+            WorkerStat.IN_FLIGHT: ("worker_jobs_in_flight", "Jobs the worker holds."),
+            WorkerStat.TAKING_JOBS: ("worker_taking_jobs", "1 while the worker takes new jobs."),
+        }
+        counters = {
+            WorkerStat.STREAM_WRITES: ("worker_stream_writes", "Pipelines of token entries sent."),
+            WorkerStat.TOKEN_ENTRIES: ("worker_token_entries", "Token entries written."),
+        }
+        families: dict[WorkerStat, GaugeMetricFamily | CounterMetricFamily] = {
+            stat: GaugeMetricFamily(f"tokenrelay_{name}", doc, labels=["worker"])
+            for stat, (name, doc) in gauges.items()
+        }
+        families.update(
+            {
+                stat: CounterMetricFamily(f"tokenrelay_{name}_total", doc, labels=["worker"])
+                for stat, (name, doc) in counters.items()
+            }
+        )
+        for worker in Worker.all(connection=self.client, serializer=JSONSerializer):
+            raw: dict[Any, Any] = self.client.hgetall(keys.worker_stats(worker.name))
+            stats = {text(k): float(v) for k, v in raw.items()}
+            for stat, family in families.items():
+                if stat.value in stats:
+                    family.add_metric([worker.name], stats[stat.value])
+        yield from families.values()
 
     def _consumers(self) -> Iterator[Metric]:
         lag = GaugeMetricFamily(

@@ -58,6 +58,21 @@ class StateField(StrEnum):
     CLOSED_BY = "closed_by"  # the nonce of the call that wrote the terminal entry
 
 
+def worker_stats(worker: str) -> str:
+    """The hash of a worker's own gauges (the fields of `WorkerStat`), renewed at each heartbeat."""
+    return f"{PREFIX}:worker:{worker}"
+
+
+class WorkerStat(StrEnum):
+    """The fields of a worker's stats hash."""
+
+    LOOP_LAG = "loop_lag_s"  # the worst event-loop lag since the last heartbeat, in seconds
+    IN_FLIGHT = "in_flight"  # jobs taken and not yet over
+    TAKING_JOBS = "taking_jobs"  # 1, or 0 while the loop lags too far or the worker stops
+    STREAM_WRITES = "stream_writes"  # pipelines of token entries sent, since the worker started
+    TOKEN_ENTRIES = "token_entries"  # token entries written, since the worker started
+
+
 #: Consumer groups on the lifecycle stream, one per kind of consumer.
 RECORDER_GROUP = "recorder"
 METRICS_GROUP = "metrics"

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import signal
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import structlog
 from rq import Queue
@@ -32,8 +32,10 @@ from tokenrelay.connection import async_client_for
 from tokenrelay.errors import StreamClosedError, WorkerShutdownError, WriterFencedError
 from tokenrelay.settings import Settings
 from tokenrelay.stream.batcher import StreamBatcher
-from tokenrelay.stream.protocol import CANCELLED, ErrorEntry, text
+from tokenrelay.stream.keys import WorkerStat
+from tokenrelay.stream.protocol import CANCELLED, ErrorEntry
 from tokenrelay.worker.generation import JobRun, generate
+from tokenrelay.worker.intake import DEQUEUE_WAIT, Intake
 from tokenrelay.worker.lag import LoopLag
 from tokenrelay.worker.llm import ChatModels
 from tokenrelay.worker.rq_worker import RelayJob, RelayWorker
@@ -41,12 +43,10 @@ from tokenrelay.worker.rq_worker import RelayJob, RelayWorker
 log = structlog.get_logger()
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: Threads for RQ's (blocking) bookkeeping: taking, admitting, finishing, heartbeats.
 BOOKKEEPING_THREADS = 16
-
-#: Seconds one wait for a job on the queue lasts before the loop looks around again.
-DEQUEUE_WAIT = 1
 
 #: The most jobs taken off the queues in one round trip.
 DEQUEUE_BATCH = 50
@@ -91,6 +91,7 @@ class WorkerLoop:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._signal, signum)
         self.redis = async_client_for(self.settings)
+        self.intake = Intake(self.redis, self.worker.queues, burst=self.burst)
         self.batcher = StreamBatcher(self.redis)
         self.models = ChatModels(self.settings, connections=self.concurrency)
         background = [
@@ -113,11 +114,10 @@ class WorkerLoop:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
 
-    async def _sync(self, function: Callable[..., T], *args: Any) -> T:
+    async def _sync(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking RQ bookkeeping in the pool, with this task's log context."""
-        context = contextvars.copy_context()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, context.run, function, *args)
+        call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     # Taking jobs.
 
@@ -132,7 +132,7 @@ class WorkerLoop:
                 await _within(self._slot_freed.wait(), DEQUEUE_WAIT)
                 continue
             try:
-                taken = await self._next_jobs(min(free, DEQUEUE_BATCH))
+                taken = await self.intake.take(min(free, DEQUEUE_BATCH), self._stopping)
             except Exception:  # Redis is down, or the queue could not be read: look again soon
                 log.exception("worker.dequeue_failed")
                 await _within(self._stopping.wait(), RETRY_DELAY)
@@ -160,59 +160,6 @@ class WorkerLoop:
     def _release(self) -> None:
         self._busy -= 1
         self._slot_freed.set()
-
-    async def _next_jobs(self, want: int) -> list[tuple[str, str]]:
-        """Up to `want` job ids off the queues, with the queue each was on.
-
-        Takes what is there at once; with nothing there, waits (a second at most) for one,
-        so an idle worker starts a new job the moment it is queued. In burst mode, never waits.
-        """
-        queues = self.worker.queues
-        if len(queues) == 1:  # RQ's own way: through the intermediate list, which RQ reaps
-            queue = queues[0]
-            moved = await self._move(queue.key, queue.intermediate_queue_key, want)
-            taken = [(job_id, queue.key, queue.intermediate_queue_key) for job_id in moved]
-        else:
-            taken = [(job_id, key, None) for key, job_id in await self._pop(queues, want)]
-        if self._stopping.is_set():  # they came during the wait, after the warm shutdown began
-            for job_id, queue_key, intermediate in taken:
-                await self._give_back(job_id, queue_key, intermediate=intermediate)
-            return []
-        if not taken and self.burst:
-            await asyncio.sleep(0.05)
-        return [(text(job_id), queue_key) for job_id, queue_key, _ in taken]
-
-    async def _move(self, source: str, target: str, want: int) -> list[Any]:
-        """LMOVE up to `want` ids in one round trip; if there were none, BLMOVE one."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for _ in range(want):
-                pipe.lmove(source, target, "LEFT", "RIGHT")
-            moved = [job_id for job_id in await pipe.execute() if job_id is not None]
-        if moved or self.burst:
-            return moved
-        job_id = await self.redis.blmove(source, target, DEQUEUE_WAIT, "LEFT", "RIGHT")
-        return [] if job_id is None else [job_id]
-
-    async def _pop(self, queues: list[Queue], want: int) -> list[tuple[str, Any]]:
-        """LPOP up to `want` ids off the queues, in order; if none, BLPOP one."""
-        taken: list[tuple[str, Any]] = []
-        for queue in queues:
-            popped: Any = await self.redis.lpop(queue.key, want - len(taken))
-            taken += [(queue.key, job_id) for job_id in popped or []]
-            if len(taken) >= want:
-                return taken
-        if taken or self.burst:
-            return taken
-        popped = await self.redis.blpop([q.key for q in queues], DEQUEUE_WAIT)
-        return [] if popped is None else [(text(popped[0]), popped[1])]
-
-    async def _give_back(self, job_id: Any, queue_key: Any, *, intermediate: str | None) -> None:
-        """Put a job taken off its queue back at the front, for another worker to take."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if intermediate is not None:
-                pipe.lrem(intermediate, 1, job_id)
-            pipe.lpush(queue_key, job_id)
-            await pipe.execute()
 
     def _start(self, job: RelayJob, queue: Queue) -> None:
         run = JobRun(job, self.settings, self.batcher, self.models, worker=self.worker.name)
@@ -257,8 +204,8 @@ class WorkerLoop:
             await asyncio.shield(self._sync(worker.finish_stopped, job, queue, execution))
         except WriterFencedError:  # the job runs in another worker too: that run is the job's
             await asyncio.shield(self._sync(worker.drop, job, execution))
-        except Exception:
-            failure = sys.exc_info()
+        except Exception as exc:
+            failure = (type(exc), exc, exc.__traceback__)
             await asyncio.shield(self._sync(worker.finish_failed, job, queue, execution, failure))
         else:
             await asyncio.shield(self._sync(worker.finish_ok, job, queue, execution, result))
@@ -346,7 +293,7 @@ class WorkerLoop:
             }
             known = [r.execution for r in self.running.values() if r.execution is not None]
             try:
-                gone = await self._sync(self.worker.tick, known)
+                gone = await self._sync(self.worker.tick, known, self._stats())
             except Exception:
                 log.exception("worker.heartbeat_failed")
                 continue
@@ -354,6 +301,17 @@ class WorkerLoop:
                 job_id = executions.get(execution_id)
                 if job_id is not None and job_id in self.running:
                     self._lost(job_id, status)
+
+    def _stats(self) -> dict[str, float]:
+        """The worker's gauges, for its stats hash (and the metrics exporter)."""
+        taking = not (self.lag.overloaded or self._stopping.is_set())
+        return {
+            WorkerStat.LOOP_LAG: round(self.lag.take_worst(), 4),
+            WorkerStat.IN_FLIGHT: self._busy,
+            WorkerStat.TAKING_JOBS: int(taking),
+            WorkerStat.STREAM_WRITES: self.batcher.flushes,
+            WorkerStat.TOKEN_ENTRIES: self.batcher.entries,
+        }
 
     def _lost(self, job_id: str, status: str | None) -> None:
         """A running job's RQ status changed elsewhere: a `job.cancel()`, or a clean-up."""

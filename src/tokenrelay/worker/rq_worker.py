@@ -235,9 +235,13 @@ class RelayWorker(BaseWorker):
 
     # Heartbeats and clean-up.
 
-    def tick(self, executions: list[Execution]) -> dict[str, str | None]:
-        """Heartbeat the worker and its executions; those no longer `started`, with their status."""
+    def tick(self, executions: list[Execution], stats: dict[str, float]) -> dict[str, str | None]:
+        """Heartbeat the worker and its executions, and write its `stats`; the executions no
+        longer `started`, with their status."""
         with self.connection.pipeline() as pipe:
+            stats_key = keys.worker_stats(self.name)
+            pipe.hset(stats_key, mapping=stats)  # type: ignore[arg-type]  # floats are fine
+            pipe.expire(stats_key, 3 * self.job_monitoring_interval)
             self.set_state(WorkerStatus.BUSY if executions else WorkerStatus.IDLE, pipeline=pipe)
             worker_heartbeat = len(pipe)  # its first command: HSET, which is 1 if it made the hash
             self.heartbeat(self.job_monitoring_interval + 60, pipeline=pipe)
