@@ -31,7 +31,7 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)  ## the benchmarks under bench/ (results: bench/RESULTS.md)
-	$(BIN)/python -m bench.relay_overhead
+	$(BIN)/python -m bench.worker_bench
 	$(BIN)/python -m bench.local_model
 
 install: $(STAMP)

@@ -84,6 +84,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if value < 0:
@@ -155,6 +162,7 @@ class Settings:
     heartbeat_interval: int = _env("TOKENRELAY_HEARTBEAT_INTERVAL", 10, _positive_int)
     maintenance_interval: int = _env("TOKENRELAY_MAINTENANCE_INTERVAL", 60, _positive_int)
     loop_lag_limit: float = _env("TOKENRELAY_LOOP_LAG_LIMIT", 0.25, _positive_float)
+    tokens_per_entry: int = _env("TOKENRELAY_TOKENS_PER_ENTRY", 0, _non_negative_int)
     log_format: LogFormat = _env("TOKENRELAY_LOG_FORMAT", "auto", _LOG_FORMATS)
     log_level: str = _env("TOKENRELAY_LOG_LEVEL", "info", _LOG_LEVELS)
 

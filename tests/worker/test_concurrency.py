@@ -19,7 +19,7 @@ from support.scripts import ScriptedLLM
 from support.streams import terminal_entries, tokens_in, wait_for_tokens
 from support.workers import Workers
 
-from tokenrelay import EndEntry, Relay, Settings, StartEntry
+from tokenrelay import EndEntry, Relay, Settings, StartEntry, TokenEntry
 from tokenrelay.connection import connect
 from tokenrelay.dev.redis_server import RedisServer
 from tokenrelay.worker.lag import LoopLag
@@ -182,3 +182,15 @@ def test_each_worker_exports_its_loop_lag_and_load_as_metrics(
     ]
     assert 0 <= float(lag_line.split()[-1]) < 1
     assert 'tokenrelay_worker_token_entries_total{worker="gauged"} 1.0' in text
+
+
+def test_one_token_per_entry_when_configured_for_version_1_readers(
+    relay: Relay, llm: ScriptedLLM, workers: Workers
+) -> None:
+    """TOKENRELAY_TOKENS_PER_ENTRY=1: a fast burst still arrives whole, one token an entry."""
+    handle = relay.submit("fast", model=llm.script([f" b{i}" for i in range(500)]))
+    workers.run_burst(env={"TOKENRELAY_TOKENS_PER_ENTRY": "1"})
+    entries = [r.entry for r in handle.records(timeout=10)]
+    tokens = [e for e in entries if isinstance(e, TokenEntry)]
+    assert [t.n for t in tokens] == [None] * 500
+    assert "".join(t.text for t in tokens) == "".join(f" b{i}" for i in range(500))

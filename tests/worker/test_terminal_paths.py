@@ -80,6 +80,13 @@ def neighbours(relay: Relay, llm: ScriptedLLM) -> list[JobHandle]:
     return [relay.submit(f"neighbour {i}", model=model) for i in range(3)]
 
 
+@pytest.fixture
+def held_neighbours(relay: Relay, llm: ScriptedLLM) -> list[JobHandle]:
+    """Three jobs that stay mid-stream (stalled) until the test ends: for faults that end all."""
+    model = llm.script(NEIGHBOUR_WORDS, stall_after=2)
+    return [relay.submit(f"held {i}", model=model) for i in range(3)]
+
+
 def assert_untouched(client: Redis, handles: list[JobHandle]) -> None:
     """Each neighbour streamed its whole text and ended once, with `end`."""
     for handle in handles:
@@ -285,19 +292,19 @@ def test_a_cold_shutdown_ends_every_running_job_with_one_error(
     llm: ScriptedLLM,
     workers: Workers,
     redis_client: Redis,
-    neighbours: list[JobHandle],
+    held_neighbours: list[JobHandle],
 ) -> None:
     """A second SIGTERM stops every job in flight, each with its `WorkerShutdown` error."""
     handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
     worker = workers.start()
     wait_for_tokens(handle, 3)
-    for neighbour in neighbours:
+    for neighbour in held_neighbours:
         wait_for_tokens(neighbour, 1)
     worker.signal(signal.SIGTERM)
     wait_for_log(worker, "worker.warm_shutdown")
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
-    for job in [handle, *neighbours]:
+    for job in [handle, *held_neighbours]:
         error = the_error(redis_client, job)
         assert (error.error_type, error.retryable) == ("WorkerShutdown", True)
         assert rq_status(redis_client, job.job_id) == "failed"
@@ -309,17 +316,17 @@ def test_every_job_of_a_killed_worker_is_ended_by_the_clean_up(
     workers: Workers,
     redis_client: Redis,
     settings: Settings,
-    neighbours: list[JobHandle],
+    held_neighbours: list[JobHandle],
 ) -> None:
     """SIGKILL of a worker holding several jobs: RQ's clean-up ends each one, not only one."""
     handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
     worker = workers.start()
     wait_for_tokens(handle, 3)
-    for neighbour in neighbours:
+    for neighbour in held_neighbours:
         wait_for_tokens(neighbour, 1)
     worker.signal(signal.SIGKILL)
     worker.wait()
-    held = [handle, *neighbours]
+    held = [handle, *held_neighbours]
     assert all(terminal_entries(redis_client, job.job_id) == [] for job in held)
     assert handle.status() is JobState.STARTED
     # The dead worker's heartbeats lapse after a minute and a half; make that time pass.

@@ -4,7 +4,7 @@ A job adds tokens to its `BatchedStream` without any Redis round trip. One `Stre
 per worker process writes them: whenever some stream has tokens waiting, it sends one
 pipeline holding one APPEND (see `stream.scripts`) per such stream, with all of that stream's
 waiting tokens as one entry (`n` tokens). Tokens that arrive while a pipeline is in flight, or
-within `MIN_INTERVAL` of the last one, wait for the next: a slow trickle is written at once,
+within `MIN_INTERVAL` (5 ms) of the last one, wait for the next: a slow trickle is written at once,
 token by token; a fast burst in a few entries. A stream is never in two writes at once, so its
 entries land in order.
 
@@ -44,7 +44,7 @@ RETRY_DELAY = 0.05
 #: The least time between two pipelines. A token that comes after a quiet spell is written at
 #: once; in a burst, what comes within this time shares one entry a stream, and one pipeline
 #: carries every stream's.
-MIN_INTERVAL = 0.002
+MIN_INTERVAL = 0.005
 
 
 def _well_formed(text: str) -> str:
@@ -67,7 +67,7 @@ class BatchedStream:
         self._keys = scripts.stream_keys(job_id)
         self._pending: list[str] = []
         self._next_seq = 0  # the seq of the next entry to send
-        self._sending: TokenEntry | None = None  # in flight, or to be sent again as it was
+        self._sending: list[TokenEntry] = []  # in flight, or to be sent again as they were
         self._held = ""  # a high surrogate whose low half may come with the next token
         self._written = asyncio.Event()
         self._written.set()
@@ -87,6 +87,13 @@ class BatchedStream:
         """Take one token to write; raises the stream's refusal once it refused this writer."""
         if self.error is not None:
             raise self.error
+        if self._held or not text.isascii():  # ASCII needs no check; anything else might not
+            text = self._checked(text)
+        if text:  # an empty delta carries nothing to show
+            self._take(text)
+
+    def _checked(self, text: str) -> str:
+        """The text as valid UTF-8: a split surrogate pair joined, a lone surrogate replaced."""
         if self._held:
             text, self._held = self._held + text, ""
         try:
@@ -95,8 +102,7 @@ class BatchedStream:
             if "\ud800" <= text[-1] <= "\udbff":
                 text, self._held = text[:-1], text[-1]
             text = self._repaired(text)
-        if text:  # an empty delta carries nothing to show
-            self._take(text)
+        return text
 
     def _take(self, text: str) -> None:
         if self.first_token_at is None:
@@ -141,15 +147,19 @@ class BatchedStream:
 
     # Called by the batcher.
 
-    def _next_entry(self) -> tuple[TokenEntry, int] | None:
-        """The entry to send now and the TTL to renew (0: none), or None if nothing waits."""
-        if self._sending is None:
-            if not self._pending or self.error is not None:
-                return None
-            count = len(self._pending)
-            text = "".join(self._pending)
+    def _next_entries(self, per_entry: int) -> tuple[list[TokenEntry], int]:
+        """The entries to send now (at most `per_entry` tokens each, 0: no limit) and the TTL
+        to renew with them (0: none). Entries whose fate is unknown go again, as they were."""
+        if not self._sending and self._pending and self.error is None:
+            size = per_entry or len(self._pending)
+            seq = self._next_seq
+            for start in range(0, len(self._pending), size):
+                part = self._pending[start : start + size]
+                self._sending.append(
+                    TokenEntry(seq, "".join(part), len(part) if len(part) > 1 else None)
+                )
+                seq += len(part)
             self._pending.clear()
-            self._sending = TokenEntry(self._next_seq, text, count if count > 1 else None)
         now = time.monotonic()
         renew = now - self._expiry_renewed > self.ttl / 4
         if renew:
@@ -157,9 +167,9 @@ class BatchedStream:
         return self._sending, self.ttl if renew else 0
 
     def _sent(self) -> None:
-        assert self._sending is not None
-        self._next_seq = self._sending.seq + self._sending.count
-        self._sending = None
+        last = self._sending[-1]
+        self._next_seq = last.seq + last.count
+        self._sending = []
         if self._pending:
             self._batcher.mark(self)
         else:
@@ -168,7 +178,7 @@ class BatchedStream:
     def _refused(self, error: Exception) -> None:
         log.info("stream.refused", job_id=self.job_id, reason=str(error))
         self.error = error
-        self._sending = None
+        self._sending = []
         self._pending.clear()
         self._written.set()
 
@@ -176,8 +186,9 @@ class BatchedStream:
 class StreamBatcher:
     """Writes the new tokens of every stream of one process, one pipeline at a time."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, *, tokens_per_entry: int = 0) -> None:
         self.client = client
+        self.tokens_per_entry = tokens_per_entry  # 0: as many as came
         self.flushes = 0  # pipelines sent
         self.entries = 0  # token entries written
         self._waiting: dict[BatchedStream, None] = {}  # an ordered set
@@ -225,18 +236,17 @@ class StreamBatcher:
 
     async def _flush(self) -> bool:
         """Send one pipeline; False if its connection broke (its entries are to be resent)."""
-        batch: list[tuple[BatchedStream, TokenEntry]] = []
+        batch: list[tuple[BatchedStream, int]] = []  # each stream with its number of entries
         pipe = self.client.pipeline(transaction=False)
         while self._waiting and len(batch) < MAX_STREAMS_PER_FLUSH:
             stream = next(iter(self._waiting))
             del self._waiting[stream]
-            taken = stream._next_entry()
-            if taken is None:
-                continue
-            entry, ttl = taken
-            args = scripts.append_args(stream.writer_token, entry, ttl=ttl)
-            pipe.evalsha(scripts.APPEND.sha, 2, *stream._keys, *args)
-            batch.append((stream, entry))
+            entries, ttl = stream._next_entries(self.tokens_per_entry)
+            for entry in entries:  # one connection runs them in order
+                args = scripts.append_args(stream.writer_token, entry, ttl=ttl)
+                pipe.evalsha(scripts.APPEND.sha, 2, *stream._keys, *args)
+            if entries:
+                batch.append((stream, len(entries)))
         if not batch:
             return True
         try:
@@ -252,10 +262,13 @@ class StreamBatcher:
                 self._waiting[stream] = None
             return True
         self.flushes += 1
-        for (stream, _), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, Exception):
-                stream._refused(scripts.refusal(str(reply)))
+        replies_of = iter(replies)
+        for stream, count in batch:
+            theirs = [next(replies_of) for _ in range(count)]
+            refused = next((r for r in theirs if isinstance(r, Exception)), None)
+            if refused is not None:
+                stream._refused(scripts.refusal(str(refused)))
             else:
-                self.entries += 1
+                self.entries += count
                 stream._sent()
         return True

@@ -92,7 +92,7 @@ class WorkerLoop:
             loop.add_signal_handler(signum, self._signal, signum)
         self.redis = async_client_for(self.settings)
         self.intake = Intake(self.redis, self.worker.queues, burst=self.burst)
-        self.batcher = StreamBatcher(self.redis)
+        self.batcher = StreamBatcher(self.redis, tokens_per_entry=self.settings.tokens_per_entry)
         self.models = ChatModels(self.settings, connections=self.concurrency)
         background = [
             asyncio.create_task(self.batcher.serve(), name="stream-batcher"),
