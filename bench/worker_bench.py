@@ -35,7 +35,7 @@ from langchain_openai import ChatOpenAI
 from bench.machine import describe
 from bench.model_server import token_sent_at
 from bench.report import record
-from bench.rig import Rig, percentile, resident_kb, rig
+from bench.rig import Rig, cpu_seconds, percentile, resident_kb, rig
 from tokenrelay import EndEntry, JobHandle, Relay, StartEntry, TokenEntry
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # small sizes, to try the benchmark itself out
@@ -71,25 +71,27 @@ def one_stream(rig_: Rig) -> dict[str, float]:
     model = f"tok{ONE_STREAM_TOKENS}-0"
     relay = rig_.relay()
 
-    def bare() -> float:
-        started, count = time.perf_counter(), 0
+    def bare() -> tuple[float, float]:
+        started, cpu, count = time.perf_counter(), time.process_time(), 0
         for chunk in _client(rig_, model).stream("go"):
             count += bool(chunk.content)
         assert count == ONE_STREAM_TOKENS
-        return count / (time.perf_counter() - started)
+        return count / (time.perf_counter() - started), (time.process_time() - cpu) / count
 
-    def relayed() -> float:
-        started = time.perf_counter()
+    def relayed(worker: int) -> tuple[float, float]:
+        started, cpu = time.perf_counter(), cpu_seconds(worker)
         count = _tokens(relay.submit("go", model=model, max_tokens=ONE_STREAM_TOKENS))
         assert count == ONE_STREAM_TOKENS
-        return count / (time.perf_counter() - started)
+        return count / (time.perf_counter() - started), (cpu_seconds(worker) - cpu) / count
 
-    with rig_.worker():
+    with rig_.worker() as worker:
         _tokens(relay.submit("warm up", model="tok10-0"))
-        runs = [(bare(), relayed()) for _ in range(5)]  # interleaved: the machine's speed drifts
+        runs = [(bare(), relayed(worker.pid)) for _ in range(5)]  # interleaved: speed drifts
     return {
-        "bare": statistics.median(b for b, _ in runs),
-        "relayed": statistics.median(r for _, r in runs),
+        "bare": statistics.median(b[0] for b, _ in runs),
+        "relayed": statistics.median(r[0] for _, r in runs),
+        "bare_cpu_us": statistics.median(b[1] for b, _ in runs) * 1e6,
+        "worker_cpu_us": statistics.median(r[1] for _, r in runs) * 1e6,
     }
 
 
@@ -223,8 +225,8 @@ def first_token(rig_: Rig) -> dict[str, float]:
 
 def redis_cost(rig_: Rig, rate: int, per_entry: int) -> dict[str, float]:
     """Redis commands, pipelines and CPU per token for 10 streams at `rate` tokens/s each."""
-    streams, seconds = 10, 3
-    count = max(3, rate * seconds)
+    streams, seconds = 10, (10 if rate < 10 else 3)
+    count = rate * seconds
     relay = rig_.relay()
     env = {"TOKENRELAY_TOKENS_PER_ENTRY": str(per_entry), "TOKENRELAY_HEARTBEAT_INTERVAL": "1"}
     with rig_.worker(**env) as worker:
@@ -281,7 +283,19 @@ def profile(rig_: Rig, count: int = 300) -> Counter[str]:
         time.sleep(3)
         out = Path(tempfile.gettempdir()) / f"tokenrelay-profile-{worker.pid}.txt"
         subprocess.run(
-            [str(spy), "record", "-p", str(worker.pid), "-d", "5", "-f", "raw", "-o", str(out)],
+            [
+                str(spy),
+                "record",
+                "-p",
+                str(worker.pid),
+                "-d",
+                "5",
+                "-f",
+                "raw",
+                "--threads",
+                "-o",
+                str(out),
+            ],
             capture_output=True,
             check=False,
         )
@@ -339,7 +353,9 @@ def main() -> None:
         stream = one_stream(rig_)
         lines.append(
             f"| 1. one {ONE_STREAM_TOKENS:,}-token stream | ≥ 0.95x | "
-            f"{stream['relayed']:,.0f} tok/s ({_ratio(stream)}) | {stream['bare']:,.0f} tok/s |"
+            f"{stream['relayed']:,.0f} tok/s ({_ratio(stream)}); the worker's CPU "
+            f"{stream['worker_cpu_us']:.0f} µs/token | {stream['bare']:,.0f} tok/s; the client's "
+            f"CPU {stream['bare_cpu_us']:.0f} µs/token |"
         )
         for count in STREAM_COUNTS:
             many = many_streams(rig_, count)

@@ -20,11 +20,31 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal, Self
 
-__all__ = ["Script", "ScriptedOpenAI"]
+__all__ = ["Attempt", "Script", "ScriptedOpenAI"]
 
 # Fixed so that two runs of the same script produce byte-identical responses.
 _CREATED = 1_700_000_000
 _HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What goes wrong with one request of a script (requests are counted per model).
+
+    Attributes:
+        status: Anything but 200 answers with that status and a JSON error.
+        retry_after: With a status, the `Retry-After` header to send (seconds).
+        fault: "cut" ends the response cleanly after `after` tokens, with no finish reason;
+            "drop" closes the connection after `after` tokens.
+        after: How many tokens are sent before the fault or the stall.
+        stall: After `after` tokens, send nothing more until `release()` or `stop()`.
+    """
+
+    status: int = 200
+    retry_after: float | None = None
+    fault: Literal["cut", "drop"] | None = None
+    after: int = 0
+    stall: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,10 @@ class Script:
             llama.cpp's server: legacy `max_tokens` is honoured, while
             `max_completion_tokens` is ignored. A capped reply sends the first
             N tokens and finish_reason "length".
+        attempts: What goes wrong with the first requests for this model, one `Attempt`
+            each (the rest are answered cleanly). A request that carries part of the
+            script's text as the assistant's last message (a worker continuing a
+            generation) is answered with the rest of it.
     """
 
     tokens: Sequence[str]
@@ -55,6 +79,7 @@ class Script:
     token_delay: float = 0.0
     honor: frozenset[str] = frozenset({"max_tokens"})
     error_message: str = "scripted failure"
+    attempts: Sequence[Attempt] = ()
 
 
 class ScriptedOpenAI:
@@ -70,6 +95,7 @@ class ScriptedOpenAI:
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
         self._completions = 0
+        self._attempts: dict[str, int] = {}
         self._gate = threading.Condition()
         self._release_round = 0
         self._stalled = threading.Event()
@@ -154,6 +180,13 @@ class ScriptedOpenAI:
     def _script_for(self, model: object) -> Script | None:
         with self._lock:
             return self._scripts.get(model) if isinstance(model, str) else None
+
+    def _attempt_for(self, model: str, script: Script) -> Attempt | None:
+        """The scripted trouble of this request for `model` (the n-th request gets the n-th)."""
+        with self._lock:
+            count = self._attempts.get(model, 0)
+            self._attempts[model] = count + 1
+        return script.attempts[count] if count < len(script.attempts) else None
 
     def _model_ids(self) -> list[str]:
         with self._lock:
@@ -260,9 +293,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, body: dict[str, Any]) -> None:
         script = self._owner._script_for(body.get("model"))
+        attempt = self._owner._attempt_for(str(body.get("model")), script) if script else None
         if script is None:
             message = f"The model {body.get('model')!r} does not exist"
             self._send_json(404, _error(message, "invalid_request_error", "model_not_found"))
+        elif attempt is not None and attempt.status != 200:
+            headers = (
+                {} if attempt.retry_after is None else {"Retry-After": f"{attempt.retry_after:g}"}
+            )
+            error = _error(
+                "scripted trouble", "rate_limit_error" if attempt.status == 429 else "server_error"
+            )
+            self._send_json(attempt.status, error, headers)
+        elif attempt is not None and body.get("stream") is True:
+            self._troubled_stream(script, attempt, body)
         elif script.status != 200:
             # Like servers that quote the key they were sent ("Incorrect API key provided: …").
             key = self.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -287,6 +331,27 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop()
             return
         if script.fault is None:
+            self._end_events(chunk, finish_reason, body, len(tokens))
+        self._write_chunk(b"")
+
+    def _troubled_stream(self, script: Script, attempt: Attempt, body: dict[str, Any]) -> None:
+        """A stream that goes wrong after `attempt.after` tokens, as the attempt says."""
+        tokens, finish_reason = _planned_reply(script, body)
+        chunk = partial(_chunk, self._owner._next_completion_id(), str(body["model"]))
+        self._start_event_stream()
+        self._send_event(chunk({"role": "assistant", "content": ""}, None))
+        for token in tokens[: attempt.after]:
+            self._owner._pause(script.token_delay)
+            self._send_event(chunk({"content": token}, None))
+        if attempt.stall:
+            self._owner._stall()
+            return
+        if attempt.fault == "drop":
+            self._drop()
+            return
+        if attempt.fault is None:  # only a stall was scripted, and released: go on cleanly
+            for token in tokens[attempt.after :]:
+                self._send_event(chunk({"content": token}, None))
             self._end_events(chunk, finish_reason, body, len(tokens))
         self._write_chunk(b"")
 
@@ -333,9 +398,13 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return parsed if isinstance(parsed, dict) else None
 
-    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+    def _send_json(
+        self, status: int, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
@@ -366,9 +435,32 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
 
+def _continued_from(tokens: Sequence[str], body: dict[str, Any]) -> int:
+    """How many of the script's tokens the request's last assistant message already holds.
+
+    A worker continuing a cut-off generation sends the text so far as the assistant's
+    message; if it is exactly the script's first k tokens, the reply starts at token k.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    spoken = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+    partial = _message_text(spoken[-1]) if spoken else ""
+    if not partial:
+        return 0
+    text = ""
+    for count, token in enumerate(tokens, start=1):
+        text += token
+        if text == partial:
+            return count
+        if not partial.startswith(text):
+            return 0
+    return 0
+
+
 def _planned_reply(script: Script, body: dict[str, Any]) -> tuple[list[str], str | None]:
-    """The tokens to send and the finish_reason, after any honoured token cap."""
-    tokens = list(script.tokens)
+    """The tokens to send and the finish_reason, after any continuation and token cap."""
+    tokens = list(script.tokens)[_continued_from(script.tokens, body) :]
     caps = [body[name] for name in script.honor if isinstance(body.get(name), int)]
     cap = min(caps, default=None)
     if cap is not None and cap < len(tokens):

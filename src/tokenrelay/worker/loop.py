@@ -148,7 +148,7 @@ class WorkerLoop:
     async def _admit(self, job_id: str, queue_key: str) -> None:
         """Fetch a job moved off its queue and start it, beside the loop's next dequeue."""
         try:
-            taken = await self._sync(self.worker.take, job_id, queue_key)
+            taken = await self._sync(self.worker.take_and_admit, job_id, queue_key)
         except Exception:
             log.exception("worker.take_failed", job_id=job_id)
             taken = None
@@ -161,20 +161,18 @@ class WorkerLoop:
         self._busy -= 1
         self._slot_freed.set()
 
-    def _start(self, job: RelayJob, queue: Queue) -> None:
+    def _start(self, job: RelayJob, queue: Queue, execution: Execution) -> None:
         run = JobRun(job, self.settings, self.batcher, self.models, worker=self.worker.name)
-        task = asyncio.create_task(self._execute(run, queue), name=f"job-{job.id}")
-        self.running[job.id] = _Running(task, run)
+        task = asyncio.create_task(self._execute(run, queue, execution), name=f"job-{job.id}")
+        self.running[job.id] = _Running(task, run, execution)
 
     # Running one job.
 
-    async def _execute(self, run: JobRun, queue: Queue) -> None:
+    async def _execute(self, run: JobRun, queue: Queue, execution: Execution) -> None:
         job = run.job
         entry = self.running[job.id]
         with structlog.contextvars.bound_contextvars(job_id=job.id, attempt=run.attempt):
             try:
-                execution = await self._sync(self.worker.admit, job)
-                entry.execution = execution
                 await self._perform(run, queue, execution, entry)
             except Exception:
                 log.exception("worker.job_bookkeeping_failed")

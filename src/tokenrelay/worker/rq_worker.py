@@ -186,6 +186,16 @@ class RelayWorker(BaseWorker):
             return None
         return fetched, queue
 
+    def take_and_admit(
+        self, job_id: str, queue_key: str
+    ) -> tuple[RelayJob, Queue, Execution] | None:
+        """`take`, then `admit`, in one call (one trip to the thread pool)."""
+        taken = self.take(job_id, queue_key)
+        if taken is None:
+            return None
+        job, queue = taken
+        return job, queue, self.admit(job)
+
     def admit(self, job: Job) -> Execution:
         """Mark the job started, as RQ's worker does when its horse begins."""
         execution = self.prepare_execution(job)
