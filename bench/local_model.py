@@ -15,6 +15,7 @@ import sys
 import time
 
 from bench.machine import describe
+from bench.report import record
 
 DECODE_TOKENS = 128
 PROMPT_TOKENS = 450
@@ -75,18 +76,24 @@ def amx_compiled_in() -> bool:
 
 
 def main() -> None:
-    """Measure every setting and print the section for bench/RESULTS.md."""
+    """Measure every setting and record the section in bench/RESULTS.md."""
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = []
     for threads in THREADS:
         for extra in ("on", "off"):
             rows.append(f"| {threads} | {extra} | {measure(extra, threads)} |")
-    print(f"## Local model, extra buffer types on and off: {started}\n")
-    print(describe())
-    print(f"llama.cpp with AMX kernels: {amx_compiled_in()}\n")
-    print("| threads | extra buffer types | Gemma 3 270M Q4_K_M |")
-    print("|---|---|---|")
-    print("\n".join(rows))
+    record(
+        "\n".join(
+            [
+                f"## Local model, extra buffer types on and off: {started}\n",
+                describe(),
+                f"llama.cpp with AMX kernels: {amx_compiled_in()}\n",
+                "| threads | extra buffer types | Gemma 3 270M Q4_K_M |",
+                "|---|---|---|",
+                *rows,
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":
