@@ -83,6 +83,9 @@ def env(redis_url: str, redis_client: Redis, llm_server: ScriptedOpenAI) -> dict
         "OPENAI_API_KEY": SECRET_KEY,
         "TOKENRELAY_LOG_FORMAT": "json",
         "TOKENRELAY_LLM_MAX_RETRIES": "0",
+        # One attempt per job: the terminal paths of a single attempt, each as it ends.
+        # Retries, continuation and takeovers are tested under tests/reliability.
+        "TOKENRELAY_MAX_ATTEMPTS": "1",
         "PYTHONUNBUFFERED": "1",
     }
 

@@ -9,14 +9,19 @@ TokenRelayError
 ├── JobNotFoundError        no job (and no stream) exists under that id
 │   └── StreamExpiredError      the stream disappeared (expired, deleted) while being read
 ├── JobFailedError          the job's stream ended with an `error` entry
+├── StreamGapError          the text has a gap: a capped stream lost tokens before they were read
 ├── StreamTimeoutError      no new entry arrived within the reader's timeout
 ├── ProtocolError           a stream broke the protocol (a gap in the tokens, an unknown kind)
 ├── UnsafeJobError          a job payload names a callable other than tokenrelay's generation
 ├── StreamClosedError       the stream already has its terminal entry (cancelled, reaped)
 ├── WorkerShutdownError     the worker was shut down while it ran the job (RQ's failure record)
 ├── WriterFencedError       another writer owns the stream; this one may not write to it
-└── GenerationError         the model's stream went wrong
-    └── TruncatedStreamError    the model's stream ended without a finish reason
+├── WorkerLostError         the workers running a job kept dying; its attempts ran out
+└── GenerationError         the model's stream went wrong (an attempt ends; it may be retried)
+    ├── TruncatedStreamError    the model's stream ended without a finish reason
+    ├── FirstTokenTimeoutError  no token came within the first-token timeout
+    ├── StallTimeoutError       no token came within the stall timeout of the one before
+    └── BacklogError            Redis was away so long that the held-back tokens hit their bound
 """
 
 from __future__ import annotations
@@ -74,6 +79,18 @@ class JobFailedError(TokenRelayError):
         self.error = error
 
 
+class StreamGapError(TokenRelayError):
+    """The text has a gap: the stream's length cap trimmed tokens before they were read."""
+
+    def __init__(self, first_seq: int, last_seq: int) -> None:
+        super().__init__(
+            f"tokens {first_seq} to {last_seq} were trimmed from the stream (its length cap, "
+            "TOKENRELAY_STREAM_MAXLEN) before they were read"
+        )
+        self.first_seq = first_seq
+        self.last_seq = last_seq
+
+
 class StreamTimeoutError(TokenRelayError, TimeoutError):
     """No new entry arrived within the reader's timeout."""
 
@@ -98,9 +115,25 @@ class WriterFencedError(TokenRelayError):
     """Another writer owns the job's stream (the job runs twice); this one may not write to it."""
 
 
+class WorkerLostError(TokenRelayError):
+    """The workers running a job kept dying (their leases lapsed) until its attempts ran out."""
+
+
 class GenerationError(TokenRelayError):
     """The model's stream went wrong."""
 
 
 class TruncatedStreamError(GenerationError):
     """The model's stream ended without a finish reason."""
+
+
+class FirstTokenTimeoutError(GenerationError, TimeoutError):
+    """No token came within the first-token timeout of the request."""
+
+
+class StallTimeoutError(GenerationError, TimeoutError):
+    """No token came within the stall timeout of the one before."""
+
+
+class BacklogError(GenerationError):
+    """Redis was away so long that the tokens held back for it reached their bound."""

@@ -19,6 +19,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 T = TypeVar("T")
 
 MaxTokensParam = Literal["auto", "both", "max_completion_tokens"]
+RetryPolicyName = Literal["continue", "restart"]
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -134,6 +135,7 @@ _NO_KEY = Secret("")
 _MAX_TOKENS_PARAMS = _choice("auto", "both", "max_completion_tokens")
 _LOG_FORMATS = _choice("auto", "json", "console")
 _LOG_LEVELS = _choice("debug", "info", "warning", "error")
+_RETRY_POLICIES = _choice("continue", "restart")
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class Settings:
     stream_ttl: int = _env("TOKENRELAY_STREAM_TTL", 86_400, _positive_int)
     events_max_len: int = _env("TOKENRELAY_EVENTS_MAX_LEN", 1_000_000, _positive_int)
     llm_timeout: float = _env("TOKENRELAY_LLM_TIMEOUT", 60.0, _non_negative_float)
-    llm_max_retries: int = _env("TOKENRELAY_LLM_MAX_RETRIES", 2, int)
+    llm_max_retries: int = _env("TOKENRELAY_LLM_MAX_RETRIES", 0, _non_negative_int)
     max_tokens_param: MaxTokensParam = _env(
         "TOKENRELAY_MAX_TOKENS_PARAM", "auto", _MAX_TOKENS_PARAMS
     )
@@ -163,6 +165,17 @@ class Settings:
     maintenance_interval: int = _env("TOKENRELAY_MAINTENANCE_INTERVAL", 60, _positive_int)
     loop_lag_limit: float = _env("TOKENRELAY_LOOP_LAG_LIMIT", 0.25, _positive_float)
     tokens_per_entry: int = _env("TOKENRELAY_TOKENS_PER_ENTRY", 0, _non_negative_int)
+    lease_ttl: float = _env("TOKENRELAY_LEASE_TTL", 10.0, _positive_float)
+    takeover_after: float = _env("TOKENRELAY_TAKEOVER_AFTER", 5.0, _non_negative_float)
+    max_attempts: int = _env("TOKENRELAY_MAX_ATTEMPTS", 5, _positive_int)
+    retry_delay: float = _env("TOKENRELAY_RETRY_DELAY", 1.0, _non_negative_float)
+    retry_max_delay: float = _env("TOKENRELAY_RETRY_MAX_DELAY", 30.0, _non_negative_float)
+    retry_policy: RetryPolicyName = _env("TOKENRELAY_RETRY_POLICY", "continue", _RETRY_POLICIES)
+    first_token_timeout: float = _env("TOKENRELAY_FIRST_TOKEN_TIMEOUT", 30.0, _positive_float)
+    stall_timeout: float = _env("TOKENRELAY_STALL_TIMEOUT", 20.0, _positive_float)
+    redis_outage_limit: float = _env("TOKENRELAY_REDIS_OUTAGE_LIMIT", 120.0, _positive_float)
+    idempotency_window: int = _env("TOKENRELAY_IDEMPOTENCY_WINDOW", 86_400, _positive_int)
+    stream_maxlen: int = _env("TOKENRELAY_STREAM_MAXLEN", 0, _non_negative_int)
     log_format: LogFormat = _env("TOKENRELAY_LOG_FORMAT", "auto", _LOG_FORMATS)
     log_level: str = _env("TOKENRELAY_LOG_LEVEL", "info", _LOG_LEVELS)
 

@@ -30,7 +30,7 @@ def test_kind_comes_first_and_absent_values_are_left_out() -> None:
     """An entry starts with its kind, and optional values that are None are not written."""
     fields = encode(EndEntry("stop", 2))
     assert next(iter(fields)) == "kind"
-    assert fields == {"kind": "end", "finish_reason": "stop", "tokens": "2"}
+    assert fields == {"kind": "end", "finish_reason": "stop", "tokens": "2", "attempts": "1"}
 
 
 def test_booleans_are_written_as_words() -> None:
@@ -40,7 +40,7 @@ def test_booleans_are_written_as_words() -> None:
 
 def test_start_entries_carry_the_protocol_version() -> None:
     """Readers can tell which protocol version wrote a stream."""
-    assert encode(ENTRIES[0])["v"] == "2"  # type: ignore[arg-type]
+    assert encode(ENTRIES[0])["v"] == "3"  # type: ignore[arg-type]
 
 
 def test_an_unknown_kind_is_a_protocol_error() -> None:

@@ -29,6 +29,7 @@ from tokenrelay import (
     Settings,
     TokenEntry,
 )
+from tokenrelay.outage import Outage
 from tokenrelay.stream.protocol import parse_event
 from tokenrelay.worker.rq_worker import RelayJob, RelayWorker
 
@@ -310,17 +311,19 @@ def test_a_cold_shutdown_ends_every_running_job_with_one_error(
         assert rq_status(redis_client, job.job_id) == "failed"
 
 
-def test_every_job_of_a_killed_worker_is_ended_by_the_clean_up(
+def test_every_job_of_a_killed_worker_is_taken_over_and_ended_when_no_attempt_is_left(
     relay: Relay,
     llm: ScriptedLLM,
     workers: Workers,
     redis_client: Redis,
-    settings: Settings,
     held_neighbours: list[JobHandle],
 ) -> None:
-    """SIGKILL of a worker holding several jobs: RQ's clean-up ends each one, not only one."""
+    """SIGKILL of a worker holding several jobs: a live worker takes over each one (their
+    leases lapse), and with one attempt allowed (this module's setting) ends each with
+    WorkerLostError. tests/reliability has the takeovers that go on with the text."""
+    fast = {"TOKENRELAY_LEASE_TTL": "2", "TOKENRELAY_TAKEOVER_AFTER": "1"}
     handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
-    worker = workers.start()
+    worker = workers.start(env=fast)
     wait_for_tokens(handle, 3)
     for neighbour in held_neighbours:
         wait_for_tokens(neighbour, 1)
@@ -329,18 +332,43 @@ def test_every_job_of_a_killed_worker_is_ended_by_the_clean_up(
     held = [handle, *held_neighbours]
     assert all(terminal_entries(redis_client, job.job_id) == [] for job in held)
     assert handle.status() is JobState.STARTED
+    workers.start(env=fast)
+    for job in held:
+        error = the_error_eventually(redis_client, job)
+        assert error.error_type == "WorkerLostError"
+        assert "stopped answering, 1 attempts in" in error.message
+        assert error.attempt == 2
+        wait_for_rq_status(redis_client, job.job_id, "failed")
+
+
+def test_a_killed_workers_job_without_a_lease_is_ended_by_rqs_clean_up(
+    relay: Relay,
+    llm: ScriptedLLM,
+    workers: Workers,
+    redis_client: Redis,
+    settings: Settings,
+) -> None:
+    """A job whose lease is gone (nothing can take it over) is still ended by RQ's clean-up
+    of abandoned jobs once its heartbeat lapses: the fallback of every job."""
+    handle = relay.submit("hi", model=llm.script(WORDS, stall_after=3))
+    worker = workers.start()
+    wait_for_tokens(handle, 3)
+    worker.signal(signal.SIGKILL)
+    worker.wait()
+    redis_client.delete("tokenrelay:leases")
     # The dead worker's heartbeats lapse after a minute and a half; make that time pass.
     wip = "rq:wip:tokenrelay"
     redis_client.zadd(wip, dict.fromkeys(redis_client.zrange(wip, 0, -1), time.time() - 1))
-    live = RelayWorker(["tokenrelay"], connection=redis_client, settings=settings)
+    live = RelayWorker(
+        ["tokenrelay"], connection=redis_client, settings=settings, outage=Outage(10)
+    )
     assert all(queue.job_class is RelayJob for queue in live.queues)  # the clean-up's job class
     live.clean_up()  # a live worker's periodic maintenance
-    for job in held:
-        error = the_error(redis_client, job)
-        assert error.error_type == "AbandonedJobError"
-        assert error.message == "the worker running the job died or vanished (its heartbeat lapsed)"
-        assert error.retryable
-        assert rq_status(redis_client, job.job_id) == "failed"
+    error = the_error(redis_client, handle)
+    assert error.error_type == "AbandonedJobError"
+    assert error.message == "the worker running the job died or vanished (its heartbeat lapsed)"
+    assert error.retryable
+    assert rq_status(redis_client, handle.job_id) == "failed"
 
 
 def test_an_api_key_quoted_back_by_the_server_is_redacted_everywhere(

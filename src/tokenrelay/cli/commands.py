@@ -59,20 +59,56 @@ def _write_ids(handles: list[JobHandle], path: Path | None) -> None:
         sys.stdout.write(ids)
 
 
+#: The options of `submit` that describe one prompt: with --file each line gives its own.
+_ONE_PROMPT_OPTIONS = {
+    "system": "--system",
+    "model": "--model",
+    "max_tokens": "--max-tokens",
+    "temperature": "--temperature",
+    "timeout": "--timeout",
+    "first_token_timeout": "--first-token-timeout",
+    "stall_timeout": "--stall-timeout",
+    "job_id": "--job-id",
+    "idempotency_key": "--idempotency-key",
+    "meta": "--meta",
+    "follow": "--follow",
+    "follow_timeout": "--follow-timeout",
+}
+
+
+def _refuse_one_prompt_options(args: argparse.Namespace) -> None:
+    """With --file, options meant for one prompt would be silently ignored: refuse them."""
+    given = [
+        flag
+        for name, flag in _ONE_PROMPT_OPTIONS.items()
+        if getattr(args, name) is not None and getattr(args, name) is not False
+    ]
+    if given:
+        raise InvalidRequestError(
+            f"{', '.join(given)} cannot be used with --file: "
+            "give each line of the file its own fields"
+        )
+
+
+def _submit_batch(args: argparse.Namespace, relay: Relay) -> int:
+    _refuse_one_prompt_options(args)
+    items = load_batch(args.file)
+    progress = Progress(len(items), sys.stderr, "submitted")
+    try:
+        handles = relay.submit_many(items, progress=progress)
+    except BatchInterruptedError as exc:
+        _write_ids(exc.queued, args.ids_out)  # what was queued must not be lost
+        raise
+    _write_ids(handles, args.ids_out)
+    return EXIT_OK
+
+
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     if (args.prompt is None) == (args.file is None):
         raise InvalidRequestError("give a PROMPT (or - to read it from stdin) or --file, not both")
     with Relay.from_env(settings) as relay:
         if args.file is not None:
-            items = load_batch(args.file)
-            progress = Progress(len(items), sys.stderr, "submitted")
-            try:
-                handles = relay.submit_many(items, progress=progress)
-            except BatchInterruptedError as exc:
-                _write_ids(exc.queued, args.ids_out)  # what was queued must not be lost
-                raise
-            _write_ids(handles, args.ids_out)
-            return EXIT_OK
+            return _submit_batch(args, relay)
         prompt = _stdin_text() if args.prompt == "-" else args.prompt
         messages = None
         if args.system is not None:
@@ -87,11 +123,15 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             model=args.model,
             max_tokens=args.max_tokens,
             temperature=args.temperature,
+            timeout=args.timeout,
+            first_token_timeout=args.first_token_timeout,
+            stall_timeout=args.stall_timeout,
             job_id=args.job_id,
+            idempotency_key=args.idempotency_key,
             metadata=dict(args.meta or []),
         )
         print(handle.job_id, file=sys.stderr if args.follow else sys.stdout)
-        return _follow(handle, timeout=args.timeout) if args.follow else EXIT_OK
+        return _follow(handle, timeout=args.follow_timeout) if args.follow else EXIT_OK
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:

@@ -53,6 +53,78 @@ def _poison_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _submit_options(p: argparse.ArgumentParser) -> None:
+    """The options of `submit`, in groups: what to generate, its limits, the job, a batch."""
+    p.add_argument("prompt", nargs="?", help="the prompt; - reads it from stdin")
+    what = p.add_argument_group("what to generate")
+    what.add_argument("--system", metavar="TEXT", help="a system message to send before the prompt")
+    what.add_argument("--model", help="model name (default: the worker's TOKENRELAY_MODEL)")
+    what.add_argument("--max-tokens", type=int, metavar="N", help="most tokens to generate")
+    what.add_argument("--temperature", type=float, metavar="T", help="sampling temperature, 0 to 2")
+    limits = p.add_argument_group("time limits")
+    limits.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the most the job may run, over all its attempts, before it fails "
+        "(default: TOKENRELAY_JOB_TIMEOUT)",
+    )
+    limits.add_argument(
+        "--first-token-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the most an attempt may wait for its first token before it is retried "
+        "(default: the worker's TOKENRELAY_FIRST_TOKEN_TIMEOUT)",
+    )
+    limits.add_argument(
+        "--stall-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the most an attempt may wait between two tokens before it is retried "
+        "(default: the worker's TOKENRELAY_STALL_TIMEOUT)",
+    )
+    job = p.add_argument_group("the job")
+    job.add_argument("--job-id", metavar="ID", help="choose the job id (letters, digits, _ and -)")
+    job.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="queue at most one job per KEY: submitting KEY again within "
+        "TOKENRELAY_IDEMPOTENCY_WINDOW prints the first job's id (up to 200 printable ASCII "
+        "characters, no spaces)",
+    )
+    job.add_argument(
+        "--meta",
+        type=_meta,
+        action="append",
+        metavar="KEY=VALUE",
+        help="metadata to attach to the job (repeatable)",
+    )
+    job.add_argument(
+        "--follow", "-f", action="store_true", help="also print the text as it arrives"
+    )
+    job.add_argument(
+        "--follow-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --follow: stop following after this many seconds (exit 1)",
+    )
+    batch = p.add_argument_group("a batch")
+    batch.add_argument(
+        "--file",
+        type=Path,
+        metavar="PATH",
+        help="submit every line of a JSON Lines file: a prompt string, or an object with "
+        "submit's fields (prompt or messages, model, max_tokens, temperature, timeout, "
+        "first_token_timeout, stall_timeout, job_id, idempotency_key, metadata)",
+    )
+    batch.add_argument(
+        "--ids-out",
+        type=Path,
+        metavar="PATH",
+        help="with --file: write the job ids here, not stdout",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the `tokenrelay` command."""
     top = argparse.ArgumentParser(
@@ -75,28 +147,12 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("submit", help="queue a generation (or a batch) and print its job id")
-    p.add_argument("prompt", nargs="?", help="the prompt; - reads it from stdin")
-    p.add_argument("--system", help="a system message to send before the prompt")
-    p.add_argument("--model", help="model name (default: the worker's TOKENRELAY_MODEL)")
-    p.add_argument("--max-tokens", type=int, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
-    p.add_argument("--job-id", help="choose the job id (letters, digits, _ and -)")
-    p.add_argument(
-        "--meta",
-        type=_meta,
-        action="append",
-        metavar="KEY=VALUE",
-        help="metadata to attach to the job (repeatable)",
+    p = sub.add_parser(
+        "submit",
+        help="queue a generation (or a batch) and print its job id",
+        description="Queue a generation (or a batch) and print its job id.",
     )
-    p.add_argument("--follow", "-f", action="store_true", help="also print the text as it arrives")
-    p.add_argument("--timeout", type=float, help="with --follow: give up after this many seconds")
-    p.add_argument(
-        "--file",
-        type=Path,
-        help="submit every line of a JSON Lines file (a prompt string or an object)",
-    )
-    p.add_argument("--ids-out", type=Path, help="with --file: write the job ids here, not stdout")
+    _submit_options(p)
     p.set_defaults(run=commands.cmd_submit)
 
     p = sub.add_parser("watch", help="print a job's text as it arrives (replays from the start)")

@@ -2,12 +2,14 @@
 
 Every scrape reads the aggregates hash in one HGETALL (a consistent view) and the consumer
 groups' lag, so any number of exporters can serve the same numbers; the aggregation itself
-is `tokenrelay.consumer.metrics`.
+is `tokenrelay.consumer.metrics`. While Redis is away the exporter goes on serving: a scrape
+then answers `tokenrelay_redis_up 0` and nothing else, and the outage is logged once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -35,6 +37,8 @@ from tokenrelay.consumer.metrics import (
     MetricsAggregator,
     bucket_label,
 )
+from tokenrelay.outage import REDIS_DOWN, Outage
+from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
 from tokenrelay.stream.events import group_lags
 from tokenrelay.stream.keys import WorkerStat
@@ -116,13 +120,35 @@ def _consumer_stats(client: Redis, group: str) -> dict[str, int]:
     return {name.value: stats.get(name.value, 0) for name in CONSUMER_COUNTERS}
 
 
+def exporter_outage() -> Outage:
+    """The exporter's view of Redis being away: logged once, never a reason to stop serving."""
+    return Outage(math.inf, who="metrics exporter")
+
+
 class RedisCollector(Collector):
     """Reads the aggregates and the consumer groups' state from Redis at every scrape."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, outage: Outage | None = None) -> None:
         self.client = client
+        self.outage = outage or exporter_outage()
 
     def collect(self) -> Iterator[Metric]:
+        """Every family, read before any is given, and whether Redis could be read."""
+        families: list[Metric] = []
+        try:
+            families = list(self._families())
+        except REDIS_DOWN as exc:
+            self.outage.failed(exc)
+        else:
+            self.outage.ok()
+        up = GaugeMetricFamily(
+            "tokenrelay_redis_up", "1 if this scrape could read Redis, else 0 (and nothing else)."
+        )
+        up.add_metric([], 1.0 if families else 0.0)
+        yield up
+        yield from families
+
+    def _families(self) -> Iterator[Metric]:
         agg = read_aggregates(self.client)
         for name, (doc, labels) in COUNTERS.items():
             counter = CounterMetricFamily(f"tokenrelay_{name}_total", doc, labels=labels)
@@ -197,10 +223,10 @@ class RedisCollector(Collector):
         yield from (lag, pending, *stats.values())
 
 
-def metrics_registry(client: Redis) -> CollectorRegistry:
+def metrics_registry(client: Redis, outage: Outage | None = None) -> CollectorRegistry:
     """A fresh registry (not the global one) holding the Redis-backed collector."""
     registry = CollectorRegistry()
-    registry.register(RedisCollector(client))
+    registry.register(RedisCollector(client, outage))
     return registry
 
 
@@ -289,11 +315,16 @@ def render_summary(snap: dict[str, Any], tty: bool) -> str:
     return "\n".join([*lines, f"consumers: {lags or 'none'}"])
 
 
-def _summarize(client: Redis, interval: float, done: threading.Event, out: TextIO) -> None:
+def _summarize(
+    client: Redis, interval: float, done: threading.Event, out: TextIO, outage: Outage
+) -> None:
     """Every `interval` seconds until `done`: a table on a terminal, else a log line."""
     while not done.wait(interval):
         try:
             snap = snapshot(client)
+        except REDIS_DOWN as exc:  # logged once for the whole outage
+            outage.failed(exc)
+            continue
         except Exception:  # a summary that failed once may work next time; the consumer decides
             log.warning("metrics.summary_failed", exc_info=True)
             continue
@@ -316,16 +347,24 @@ def serve_metrics(
     claim_after: float = 60.0,
     max_deliveries: int = 5,
     retry_delay: float = 1.0,
+    outage_limit: float = Settings.redis_outage_limit,
 ) -> None:
     """Serve /metrics on host:port, aggregate the lifecycle stream, summarize; until `stop`.
 
-    `interval` <= 0 turns the periodic summary off.
+    `interval` <= 0 turns the periodic summary off. Scrapes are answered while Redis is
+    away; the aggregation rides out `outage_limit` seconds of it, then raises
+    RedisUnavailableError (and the server stops).
     """
-    server, thread = start_http_server(port, addr=host, registry=metrics_registry(client))
+    outage = exporter_outage()
+    registry = metrics_registry(client, outage)
+    server, thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics.serving", host=host, port=server.server_port)
     done = threading.Event()
     summary = threading.Thread(
-        target=_summarize, args=(client, interval, done, out), name="metrics-summary", daemon=True
+        target=_summarize,
+        args=(client, interval, done, out, outage),
+        name="metrics-summary",
+        daemon=True,
     )
     if interval > 0:
         summary.start()
@@ -337,6 +376,7 @@ def serve_metrics(
             claim_after=claim_after,
             max_deliveries=max_deliveries,
             retry_delay=retry_delay,
+            outage_limit=outage_limit,
         )
         group.run(MetricsAggregator(client), stop)
     finally:

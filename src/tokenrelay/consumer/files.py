@@ -30,6 +30,11 @@ class NewFile:
         while view:
             view = view[os.write(self._fd, view) :]
 
+    def truncate(self) -> None:
+        """Drop everything written so far; the next `write` starts the file again."""
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+
     def link(self, name: str) -> bool:
         """Make the file `directory/name`, durably; False (and nothing changed) if it exists."""
         os.fsync(self._fd)

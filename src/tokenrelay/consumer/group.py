@@ -13,6 +13,12 @@ A handler that raises leaves its event pending: it is tried again after a growin
 delivered `max_deliveries` times without being acknowledged (the handler kept failing, or
 the consumer kept crashing on it) is moved to the dead-letter stream, so one poison event
 never stops a group.
+
+A member rides out a Redis outage (`tokenrelay.outage`): it backs off, logs the outage once,
+and goes on with the events it held, for up to `outage_limit` seconds. An outage is never a
+handler failure, so it counts towards no event's deliveries. If Redis came back without its
+data (no persistence), the group is gone with the lifecycle stream: the member makes it again
+and handles the events written since.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +39,8 @@ from redis.exceptions import ResponseError
 
 from tokenrelay.consumer.dead_letter import dead_letter
 from tokenrelay.errors import ProtocolError
+from tokenrelay.outage import REDIS_DOWN, Outage, backoff
+from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
 from tokenrelay.stream.events import count_trimmed_unread, trim_events
 from tokenrelay.stream.keys import Stat
@@ -89,10 +98,12 @@ class GroupConsumer:
         block: float = 1.0,
         max_deliveries: int = 5,
         retry_delay: float = 1.0,
+        outage_limit: float = Settings.redis_outage_limit,
     ) -> None:
         self.client = client
         self.group = group
         self.consumer = consumer or default_consumer_name()
+        self.outage = Outage(outage_limit, who=f"consumer {group}/{self.consumer}")
         self.stats_key = keys.consumer_stats(group)
         self.max_deliveries = max_deliveries
         self.retry_delay = retry_delay
@@ -101,6 +112,7 @@ class GroupConsumer:
         self._retries: dict[bytes, float] = {}  # failed event id -> when to try it again
         self._errors: dict[bytes, tuple[int, str]] = {}  # failed event id -> (failures, error)
         self._trimmed_at = 0.0
+        self._held: deque[tuple[bytes, dict[bytes, bytes]]] = deque()  # delivered, not handled
 
     def ensure_group(self) -> None:
         """Create the group, reading from the very first event, unless it exists."""
@@ -111,14 +123,55 @@ class GroupConsumer:
                 raise
 
     def run(self, handler: Handler, stop: threading.Event) -> None:
-        """Handle events until `stop` is set: first this member's pending ones, then new ones."""
-        self.ensure_group()
-        log.info("consumer.started", group=self.group, consumer=self.consumer)
-        self._handle_all(handler, self._pending())
+        """Handle events until `stop` is set: first this member's pending ones, then new ones.
+
+        Raises RedisUnavailableError if Redis stays away longer than the outage limit.
+        """
+        started, tries = False, 0
         while not stop.is_set():
-            self._handle_all(handler, self._due() or self._claimed() or self._new())
-            self._trim()
+            try:
+                if not started:
+                    self.ensure_group()
+                    self._held.extend(self._pending())
+                    log.info("consumer.started", group=self.group, consumer=self.consumer)
+                    started = True
+                self._step(handler)
+            except REDIS_DOWN as exc:
+                self.outage.failed(exc)
+                stop.wait(backoff(tries))
+                tries += 1
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._regroup()
+            self.outage.ok()
+            tries = 0
         log.info("consumer.stopped", group=self.group, consumer=self.consumer)
+
+    def _step(self, handler: Handler) -> None:
+        """Handle the events this member holds, else the next ones it is given."""
+        if not self._held:
+            self._held.extend(self._due() or self._claimed() or self._new())
+        while self._held:
+            entry_id, fields = self._held[0]
+            self._handle(handler, entry_id, fields)
+            self._held.popleft()  # handled (or set aside): an outage before this retries it
+        self._trim()
+
+    def _regroup(self) -> None:
+        """The group vanished (Redis came back without its data): make it again, from the
+        start of the lifecycle stream as it now is, and forget what the old one held."""
+        log.warning(
+            "consumer.group_recreated",
+            group=self.group,
+            consumer=self.consumer,
+            events_dropped=len(self._held),
+        )
+        self._held.clear()
+        self._retries.clear()
+        self._errors.clear()
+        self.ensure_group()
 
     def run_until_idle(self, handler: Handler) -> int:
         """Handle every event available now (failed ones once), then return how many."""
@@ -261,6 +314,8 @@ class GroupConsumer:
         with self.client.pipeline(transaction=True) as pipe:
             try:
                 handler(Delivery(delivery_id, event), pipe)
+            except REDIS_DOWN:  # an outage, not the event's fault: it is handled again after
+                raise
             except Exception as exc:  # a failed event waits for its retry; the rest go on
                 self._failed(entry_id, exc)
                 return

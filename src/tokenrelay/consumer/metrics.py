@@ -36,9 +36,12 @@ from tokenrelay.errors import ProtocolError
 from tokenrelay.stream import keys
 from tokenrelay.stream.keys import Stat
 from tokenrelay.stream.protocol import (
+    AttemptEntry,
     EndEntry,
+    Entry,
     ErrorEntry,
     Event,
+    GapEntry,
     LifecycleEvent,
     StartEntry,
     TokenEntry,
@@ -80,6 +83,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "jobs_cancelled": ("Jobs cancelled by their submitter.", ("model",)),
     "tokens_in": ("Prompt tokens, as the server reported them.", ("model",)),
     "tokens_out": ("Completion tokens (the server's count, else the token entries).", ("model",)),
+    "attempts": (
+        "Attempts begun after one that failed, by the reason it ended.",
+        ("model", "reason"),
+    ),
 }
 
 #: Histograms (seconds, or tokens per second): help and bucket upper bounds.
@@ -114,6 +121,7 @@ CONSUMER_COUNTERS = (
     Stat.EVENTS_DEAD,
     Stat.STREAMS_MISSING,
     Stat.STREAMS_MALFORMED,
+    Stat.STREAMS_GAPPED,
 )
 
 # KEYS: the lifecycle stream, the aggregates hash, the consumer-stats hash.
@@ -187,6 +195,26 @@ class _Observed:
     start: StartEntry | None = None
     end: EndEntry | ErrorEntry | None = None
     tokens: int = 0
+    previous: int | None = None  # the millisecond time of this attempt's last token
+
+    def take(self, entry_id: str, entry: Entry) -> None:
+        """Measure one entry of the stream."""
+        if isinstance(entry, TokenEntry):
+            at = _ms(entry_id)
+            if self.previous is not None:
+                latency = (at - self.previous) / 1000
+                self.inc.observe("inter_token_latency_seconds", self.model, latency)
+            self.tokens, self.previous = self.tokens + entry.count, at
+        elif isinstance(entry, AttemptEntry):
+            self.inc.count("attempts", self.model, entry.reason)
+            self.previous = None
+        elif isinstance(entry, GapEntry):
+            self.inc.stats[Stat.STREAMS_GAPPED] = 1
+            self.previous = None
+        elif isinstance(entry, StartEntry):
+            self.start = entry
+        elif isinstance(entry, EndEntry | ErrorEntry):
+            self.end = entry
 
 
 def _count_stream(inc: _Increments, seen: _Observed) -> None:
@@ -259,23 +287,13 @@ class MetricsAggregator:
         A stream that expired, was trimmed or broke the protocol adds nothing but a count.
         """
         seen: _Observed | None = None
-        previous: int | None = None
         try:
             for record in scan_stream(self.client, event.job_id):
                 entry = record.entry
-                if seen is None:  # the first entry: a `start`, or a lone terminal entry
+                if seen is None:  # the first entry: a `start`, or what its trimming left
                     named = entry.model if isinstance(entry, StartEntry) else event.model
                     seen = _Observed(self._label(named))
-                if isinstance(entry, TokenEntry):
-                    at = _ms(record.id)
-                    if previous is not None:
-                        gap = (at - previous) / 1000
-                        seen.inc.observe("inter_token_latency_seconds", seen.model, gap)
-                    seen.tokens, previous = seen.tokens + entry.count, at
-                elif isinstance(entry, StartEntry):
-                    seen.start = entry
-                elif isinstance(entry, EndEntry | ErrorEntry):
-                    seen.end = entry
+                seen.take(record.id, entry)
         except ProtocolError as exc:
             log.warning("metrics.stream_missing", job_id=event.job_id, reason=f"damaged: {exc}")
             return None

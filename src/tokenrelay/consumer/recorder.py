@@ -5,6 +5,11 @@ created once: a job that is delivered again, after a crash or to a second record
 overwrites the transcript that exists. The metadata file is written last, so its presence
 means the transcript is complete. A stream is read page by page and written as it is
 read, so a recorder's memory does not grow with the length of a generation.
+
+The text is the job's final text: an `attempt` entry with the `restart` policy voids what
+was written before it (`stream.text.starts_over`), and the metadata says how many attempts
+there were. Tokens that a capped stream lost before they were read (`gap` records) are
+listed in the metadata (`trimmed`), logged (`transcript.gap`) and counted (`streams_gapped`).
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from tokenrelay.errors import ProtocolError
 from tokenrelay.stream import keys
 from tokenrelay.stream.keys import JOB_ID_PATTERN, Stat
 from tokenrelay.stream.protocol import (
+    AttemptEntry,
     EndEntry,
     ErrorEntry,
     Event,
+    GapEntry,
     Record,
     StartEntry,
     Terminal,
@@ -38,6 +45,7 @@ from tokenrelay.stream.protocol import (
     ended_as,
 )
 from tokenrelay.stream.reader import scan_stream
+from tokenrelay.stream.text import starts_over
 
 log = structlog.get_logger()
 
@@ -56,13 +64,18 @@ class _Transcript:
     last_id: str = ""
     start: StartEntry | None = None
     end: Terminal | None = None
+    attempts: int = 1
+    trimmed: list[tuple[int, int]] = field(default_factory=list)
     tokens: int = 0
     text_bytes: int = 0
     sha256: Any = field(default_factory=hashlib.sha256)
 
     def take(self, record: Record, text: NewFile) -> None:
-        """Note one record; a token's text goes on into `text`."""
+        """Note one record; a token's text goes on into `text`, a restart empties it."""
         entry = record.entry
+        if isinstance(entry, GapEntry):  # made by the reader: it names no entry of its own
+            self.trimmed.append((entry.first_seq, entry.last_seq))
+            return
         self.last_id = record.id
         if isinstance(entry, TokenEntry):
             data = entry.text.encode()
@@ -70,6 +83,11 @@ class _Transcript:
             self.sha256.update(data)
             self.text_bytes += len(data)
             self.tokens += entry.count
+        elif isinstance(entry, AttemptEntry):
+            self.attempts = max(self.attempts, entry.attempt)
+            if starts_over(entry):
+                text.truncate()
+                self.sha256, self.text_bytes, self.tokens = hashlib.sha256(), 0, 0
         elif isinstance(entry, StartEntry):
             self.start = entry
         elif isinstance(entry, EndEntry | ErrorEntry):
@@ -86,11 +104,13 @@ def transcript_metadata(job_id: str, seen: _Transcript) -> dict[str, Any]:
         "model": start.model if start else None,
         "worker": start.worker if start else None,
         "attempt": start.attempt if start else None,
+        "attempts": end.attempts if isinstance(end, EndEntry) else seen.attempts,
         "prompt_chars": start.prompt_chars if start else None,
         "max_tokens": start.max_tokens if start else None,
         "tokens": seen.tokens,
         "text_bytes": seen.text_bytes,
         "text_sha256": seen.sha256.hexdigest(),
+        "trimmed": [list(lost) for lost in seen.trimmed],
         "first_entry_id": seen.first_id,
         "last_entry_id": seen.last_id,
         "submitted_at": start.submitted_at if start else None,
@@ -116,6 +136,16 @@ def transcript_metadata(job_id: str, seen: _Transcript) -> dict[str, Any]:
             "retryable": end.retryable,
         }
     return meta
+
+
+def _head(stream: Iterator[Record]) -> list[Record]:
+    """The stream's first entry, after any gap records before it (empty: no entries)."""
+    head = []
+    for record in stream:
+        head.append(record)
+        if not isinstance(record.entry, GapEntry):
+            return head
+    return []
 
 
 class Recorder:
@@ -145,17 +175,18 @@ class Recorder:
             pipe.hincrby(self.stats_key, Stat.STREAMS_MALFORMED, 1)
 
     def _record(self, job_id: str, stream: Iterator[Record], pipe: Pipeline) -> None:
-        first = next(stream, None)
-        if first is None:
+        head = _head(stream)
+        if not head:
             self._missing(job_id, pipe, entries=0)
             return
-        name = self._file_name(job_id, first.id)
+        first_id = head[-1].id
+        name = self._file_name(job_id, first_id)
         if name is None:
             log.info("transcript.exists", job_id=job_id)
             return
-        seen = _Transcript(first.id)
+        seen = _Transcript(first_id)
         with NewFile(self.directory) as text:
-            for record in itertools.chain([first], stream):
+            for record in itertools.chain(head, stream):
                 seen.take(record, text)
             if seen.end is None:
                 self._missing(job_id, pipe, entries=seen.tokens + (seen.start is not None))
@@ -165,6 +196,9 @@ class Recorder:
         data = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
         write_once(self.directory / f"{name}.json", data)
         pipe.hincrby(self.stats_key, Stat.TRANSCRIPTS, 1)
+        if seen.trimmed:
+            log.warning("transcript.gap", job_id=job_id, trimmed=meta["trimmed"])
+            pipe.hincrby(self.stats_key, Stat.STREAMS_GAPPED, 1)
         log.info("transcript.written", job_id=job_id, status=meta["status"], tokens=meta["tokens"])
 
     def _missing(self, job_id: str, pipe: Pipeline, *, entries: int) -> None:

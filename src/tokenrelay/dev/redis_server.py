@@ -42,7 +42,12 @@ def find_redis_server() -> Path:
 
 
 class RedisServer:
-    """A `redis-server` child process that keeps nothing on disk; stopped on exit."""
+    """A `redis-server` child process, stopped (and its data removed) on exit.
+
+    It keeps nothing on disk unless `appendonly` (Redis's AOF, fsync every second): then
+    `stop(keep_data=True)` and `start()` restart it on the same port with its data, as an
+    operator's restart would.
+    """
 
     def __init__(
         self, port: int | None = None, *, appendonly: bool = False, password: str | None = None
@@ -92,12 +97,14 @@ class RedisServer:
         finally:
             client.close()
 
-    def stop(self) -> None:
-        """Stop the server and remove its directory."""
+    def stop(self, *, keep_data: bool = False) -> None:
+        """Stop the server (SIGTERM: with AOF it writes its data out first); unless
+        `keep_data`, remove its directory too."""
         if self._process is not None:
             stop_process(self._process)
         self._process = None
-        self._dir.cleanup()
+        if not keep_data:
+            self._dir.cleanup()
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -7,11 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from tokenrelay.errors import InvalidRequestError
-from tokenrelay.producer.request import shown
+from tokenrelay.producer.request import TIMEOUT_FIELDS, shown
 
 #: The keys a batch line may carry: the keyword arguments of `Relay.submit`.
 FIELDS = frozenset(
-    {"prompt", "messages", "model", "max_tokens", "temperature", "job_id", "metadata"}
+    {
+        "prompt",
+        "messages",
+        "model",
+        "max_tokens",
+        "temperature",
+        "job_id",
+        "metadata",
+        *TIMEOUT_FIELDS,
+        "idempotency_key",
+    }
 )
 
 

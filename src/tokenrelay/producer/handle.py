@@ -15,7 +15,7 @@ from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 
 from tokenrelay.connection import redis_errors
-from tokenrelay.errors import JobFailedError, JobNotFoundError
+from tokenrelay.errors import JobFailedError, JobNotFoundError, StreamGapError
 from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
 from tokenrelay.stream.protocol import (
@@ -23,12 +23,14 @@ from tokenrelay.stream.protocol import (
     EndEntry,
     ErrorEntry,
     Event,
+    GapEntry,
     Record,
     TokenEntry,
     ended_as,
     records,
 )
 from tokenrelay.stream.reader import BEGINNING, read_stream
+from tokenrelay.stream.text import Transcript
 from tokenrelay.stream.writer import close_stream
 
 
@@ -102,7 +104,11 @@ class JobHandle:
 
         A `live` reader starts at the newest entry when reading begins. Raises
         JobNotFoundError at once for a job that does not exist (or has expired), and
-        StreamTimeoutError once `timeout` seconds have passed, whatever Redis does.
+        StreamTimeoutError once `timeout` seconds have passed, whatever Redis does. A Redis
+        outage is ridden out (the read goes on after the last entry it gave) for up to
+        TOKENRELAY_REDIS_OUTAGE_LIMIT seconds, then RedisUnavailableError. Besides the
+        stream's own entries it gives `gap` records: tokens a capped stream lost before
+        they were read.
         """
         url = self._settings.effective_redis_url
         stream = read_stream(
@@ -112,27 +118,42 @@ class JobHandle:
             live=live,
             timeout=timeout,
             alive_keys=[Job.key_for(self.job_id)],
+            outage_limit=self._settings.redis_outage_limit,
         )
         return _translated(stream, url)
 
     def tokens(self, *, after: str = BEGINNING, timeout: float | None = None) -> Iterator[str]:
-        """The generated text, token by token, as it arrives; raises JobFailedError on `error`."""
+        """The generated text, token by token, as it arrives; raises JobFailedError on `error`.
+
+        Raises StreamGapError where a capped stream lost tokens before they were read. With
+        the `restart` retry policy, a new attempt generates the text again from its start,
+        and this yields each attempt's tokens in turn; `records()` shows the `attempt`
+        entries between them, and `text()` gives the final text alone.
+        """
         for _, entry in self.records(after=after, timeout=timeout):
             if isinstance(entry, TokenEntry):
                 yield entry.text
+            elif isinstance(entry, GapEntry):
+                raise StreamGapError(entry.first_seq, entry.last_seq)
             elif isinstance(entry, ErrorEntry):
                 raise JobFailedError(entry)
 
     def result(self, timeout: float | None = None) -> Result:
-        """Wait for the job to end; its text and `end` entry, or JobFailedError."""
-        parts: list[str] = []
+        """Wait for the job to end; its text and `end` entry, or JobFailedError.
+
+        The text is the final one: with the `restart` retry policy, what an attempt that
+        failed had generated is void. Raises StreamGapError if tokens were lost to the
+        stream's length cap before they were read.
+        """
+        transcript = Transcript()
         for _, entry in self.records(timeout=timeout):
-            if isinstance(entry, TokenEntry):
-                parts.append(entry.text)
-            elif isinstance(entry, ErrorEntry):
+            if isinstance(entry, GapEntry):
+                raise StreamGapError(entry.first_seq, entry.last_seq)
+            if isinstance(entry, ErrorEntry):
                 raise JobFailedError(entry)
-            elif isinstance(entry, EndEntry):
-                return Result(self.job_id, "".join(parts), entry)
+            if isinstance(entry, EndEntry):
+                return Result(self.job_id, transcript.text, entry)
+            transcript.add(entry)
         raise AssertionError("read_stream ends only after a terminal entry")  # pragma: no cover
 
     def text(self, timeout: float | None = None) -> str:
@@ -140,16 +161,22 @@ class JobHandle:
         return self.result(timeout).text
 
     def status(self) -> JobState:
-        """The job's state; raises JobNotFoundError for an unknown (or expired) job."""
+        """The job's state; raises JobNotFoundError for an unknown (or expired) job.
+
+        A job whose stream has begun and not ended is `started`, whatever RQ says: its
+        worker may have died, and another takes it over (the stream then shows `status`
+        and `attempt` entries).
+        """
         with redis_errors(self._settings.effective_redis_url):
             last = records(self._client.xrevrange(self.stream_key, count=1))
-            if last and isinstance(last[0].entry, EndEntry | ErrorEntry):
-                return _ENDED[ended_as(last[0].entry)]
+            if last:
+                entry = last[0].entry
+                if isinstance(entry, EndEntry | ErrorEntry):
+                    return _ENDED[ended_as(entry)]
+                return JobState.STARTED
             try:
                 job = Job.fetch(self.job_id, connection=self._client, serializer=JSONSerializer)
             except NoSuchJobError:
-                if last:
-                    return JobState.STARTED
                 raise JobNotFoundError(f"no job {self.job_id!r} (it may have expired)") from None
             return _FROM_RQ.get(job.get_status(), JobState.QUEUED)
 

@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 
 from tokenrelay.connection import client_for, redis_errors
 from tokenrelay.errors import BatchInterruptedError, InvalidRequestError
+from tokenrelay.producer import idempotency
 from tokenrelay.producer.handle import JobHandle
 from tokenrelay.producer.request import STREAM_TTL_FIELD, GenerationRequest, build_request
 from tokenrelay.settings import Settings
@@ -68,8 +69,26 @@ class Relay:
         temperature: float | None = None,
         job_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        first_token_timeout: float | None = None,
+        stall_timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> JobHandle:
-        """Queue one generation; raises InvalidRequestError, with nothing queued, on bad input."""
+        """Queue one generation; raises InvalidRequestError, with nothing queued, on bad input.
+
+        `timeout` bounds the whole job, over every attempt (default TOKENRELAY_JOB_TIMEOUT);
+        `first_token_timeout` and `stall_timeout` bound an attempt's wait for its first token
+        and between tokens (defaults from the worker's settings): past them the attempt ends
+        and is retried.
+
+        With an `idempotency_key` (1 to 200 printable ASCII characters, no spaces), every
+        submit of that key within TOKENRELAY_IDEMPOTENCY_WINDOW seconds of the first returns
+        the first one's job, queued, running or over, from any process: only one job is
+        queued. The same key with a different request (or another `job_id`) is refused. The
+        window counts from the first submit; the job's stream and result are kept
+        TOKENRELAY_STREAM_TTL seconds after its last write, so with a window longer than
+        that a late submit may return a job that has expired (JobNotFoundError when read).
+        """
         request = build_request(
             prompt,
             messages=messages,
@@ -78,6 +97,10 @@ class Relay:
             temperature=temperature,
             job_id=job_id,
             metadata=metadata,
+            timeout=timeout,
+            first_token_timeout=first_token_timeout,
+            stall_timeout=stall_timeout,
+            idempotency_key=idempotency_key,
             settings=self.settings,
         )
         return self.submit_many([request])[0]
@@ -89,32 +112,43 @@ class Relay:
         chunk_size: int = 500,
         progress: Callable[[int], None] | None = None,
     ) -> list[JobHandle]:
-        """Queue a batch, `chunk_size` jobs per atomic step (one round trip each).
+        """Queue a batch, `chunk_size` items per atomic step (one round trip each).
 
         Each item is a prompt or a mapping of `submit`'s keyword arguments. Every item is
         checked before any is queued, and every job id it names must be free; `progress`
-        is told how many are queued. A job id is reserved in the same atomic step that
+        is told how many items are done. A job id is reserved in the same atomic step that
         queues its job, so two submitters of one id never both succeed; if another takes an
         id of a later chunk meanwhile, BatchInterruptedError carries the jobs already queued.
+
+        Items with one `idempotency_key` are one job (they must ask for the same thing), and
+        a key used before returns its recorded job, as in `submit`: their handles repeat.
         """
-        requests = [self._checked(i, item) for i, item in enumerate(items)]
+        checked = [self._checked(i, item) for i, item in enumerate(items)]
+        requests, leaders = idempotency.deduplicated(checked)
         ids = [r.job_id or uuid.uuid4().hex for r in requests]
-        if len(set(ids)) != len(ids):
+        jobs = [i for i, leader in enumerate(leaders) if leader == i]
+        if len({ids[i] for i in jobs}) != len(jobs):
             raise InvalidRequestError("the batch uses a job id more than once")
         with redis_errors(self.settings.effective_redis_url):
-            self._refuse_taken(self.redis, ids)
+            known = self._recorded(self.redis, {i: requests[i] for i in jobs})
+            self._refuse_taken(self.redis, [ids[i] for i in jobs if i not in known])
             for start in range(0, len(requests), chunk_size):
-                end = start + chunk_size
+                end = min(start + chunk_size, len(requests))
+                todo = [i for i in jobs if start <= i < end and i not in known]
                 try:
-                    self._enqueue(requests[start:end], ids[start:end], queued=start)
+                    raced = self._enqueue([requests[i] for i in todo], [ids[i] for i in todo])
                 except InvalidRequestError as exc:
                     if not start:
                         raise
-                    queued = [self.job(job_id) for job_id in ids[:start]]
-                    raise BatchInterruptedError(str(exc), queued) from None
+                    queued = [
+                        self.job(known.get(leaders[i], ids[leaders[i]])) for i in range(start)
+                    ]
+                    done = f"; the first {start:,} items of the batch were queued"
+                    raise BatchInterruptedError(f"{exc}{done}", queued) from None
+                known.update({todo[j]: job_id for j, job_id in raced.items()})
                 if progress is not None:
-                    progress(min(end, len(requests)))
-        return [self.job(job_id) for job_id in ids]
+                    progress(end)
+        return [self.job(known.get(leader, ids[leader])) for leader in leaders]
 
     def _checked(self, index: int, item: BatchItem) -> GenerationRequest:
         if isinstance(item, GenerationRequest):
@@ -125,53 +159,84 @@ class Relay:
         except (InvalidRequestError, TypeError) as exc:
             raise InvalidRequestError(f"item {index}: {exc}") from None
 
-    def _enqueue(
-        self, requests: Sequence[GenerationRequest], ids: Sequence[str], *, queued: int
-    ) -> None:
-        """Queue checked requests in one transaction, with a `submitted` lifecycle entry each.
+    def _recorded(self, client: Redis, requests: Mapping[int, GenerationRequest]) -> dict[int, str]:
+        """The requests (by position) whose idempotency key is recorded: the recorded job ids.
 
-        The transaction WATCHes every key of the jobs' ids: if another submitter takes one
-        between the check and the commit, nothing is queued and the check runs again.
+        One round trip, on the given connection, if any request has a key; InvalidRequestError
+        if a key was used for another request.
         """
+        keyed = {i: r.idempotency_key for i, r in requests.items() if r.idempotency_key}
+        if not keyed:
+            return {}
+        found = idempotency.lookup(client, list(keyed.values()))
+        return {
+            i: idempotency.recorded_job(key, requests[i], record)
+            for (i, key), record in zip(keyed.items(), found, strict=True)
+            if record is not None
+        }
+
+    def _enqueue(self, requests: Sequence[GenerationRequest], ids: Sequence[str]) -> dict[int, str]:
+        """Queue checked requests in one transaction, with a `submitted` lifecycle entry each
+        and the record of each idempotency key.
+
+        The transaction WATCHes every key of the jobs' ids and their idempotency records: if
+        another submitter takes one between the check and the commit, nothing is queued and
+        the check runs again. The requests whose key another submitter recorded meanwhile
+        are not queued: returned (by position) with the recorded job ids.
+        """
+        if not requests:
+            return {}
         with self.redis.pipeline() as pipe:
             while True:
                 watched = [key for job_id in ids for key in _id_keys(job_id)]
+                watched += [
+                    keys.idempotency(r.idempotency_key) for r in requests if r.idempotency_key
+                ]
                 pipe.watch(*watched)  # type: ignore[no-untyped-call]  # unannotated in redis-py
                 try:
-                    self._refuse_taken(pipe, ids, queued=queued)
+                    raced = self._recorded(pipe, dict(enumerate(requests)))
+                    fresh = [i for i in range(len(requests)) if i not in raced]
+                    self._refuse_taken(pipe, [ids[i] for i in fresh])
                 except InvalidRequestError:
                     pipe.reset()
                     raise
+                if not fresh:
+                    pipe.reset()
+                    return raced
                 pipe.multi()
                 self.queue.enqueue_many(
-                    [self._job_data(r, job_id) for r, job_id in zip(requests, ids, strict=True)],
-                    pipeline=pipe,
+                    [self._job_data(requests[i], ids[i]) for i in fresh], pipeline=pipe
                 )
                 now = time.time()
-                for request, job_id in zip(requests, ids, strict=True):
+                for i in fresh:
+                    request = requests[i]
+                    if request.idempotency_key:
+                        window = self.settings.idempotency_window
+                        idempotency.remember(pipe, request.idempotency_key, ids[i], request, window)
                     event = LifecycleEvent(
-                        Event.SUBMITTED, job_id, now, self.settings.queue, request.model
+                        Event.SUBMITTED, ids[i], now, self.settings.queue, request.model
                     )
                     emit(pipe, event, cap=self.settings.events_max_len)
                 try:
                     pipe.execute()
-                    return
+                    return raced
                 except WatchError:
-                    continue  # a watched id changed hands: check again
+                    continue  # a watched id or key changed hands: check again
 
     @staticmethod
-    def _refuse_taken(client: Redis, ids: Sequence[str], *, queued: int = 0) -> None:
+    def _refuse_taken(client: Redis, ids: Sequence[str]) -> None:
         """InvalidRequestError naming the first id that a job (or its stream) already uses.
 
         One round trip, on the given connection (a pipeline that WATCHes the same keys).
         """
+        if not ids:
+            return
         found = client.eval(_FIRST_TAKEN, 3 * len(ids), *(k for i in ids for k in _id_keys(i)))
         if not found:
             return
         taken = ids[int(found) - 1]
         shown = taken if len(taken) <= 40 else f"{taken[:37]}..."
-        done = f"; the first {queued:,} jobs of the batch were queued" if queued else ""
-        raise InvalidRequestError(f"job id {shown!r} is already in use{done}")
+        raise InvalidRequestError(f"job id {shown!r} is already in use")
 
     def _job_data(self, request: GenerationRequest, job_id: str) -> EnqueueData:
         payload = {**request.to_payload(), STREAM_TTL_FIELD: self.settings.stream_ttl}
@@ -179,7 +244,7 @@ class Relay:
             keys.GENERATE_FUNC,
             args=(payload,),
             job_id=job_id,
-            timeout=self.settings.job_timeout,
+            timeout=request.timeout or self.settings.job_timeout,
             result_ttl=self.settings.stream_ttl,
             failure_ttl=self.settings.stream_ttl,
             # RQ's default description repeats the arguments, prompt and all, into its logs.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +21,18 @@ MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 32
 MAX_TEMPERATURE = 2.0
 
+#: The request's time limits, in seconds, each also settable per worker (TOKENRELAY_...).
+TIMEOUT_FIELDS = ("timeout", "first_token_timeout", "stall_timeout")
+#: The longest time limit a request may set: a day.
+MAX_TIMEOUT = 86_400
+
+#: What an idempotency key may be: 1 to 200 printable ASCII characters, no spaces.
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[!-~]{1,200}")
+
 #: The fields a job payload may carry: the request's, and the producer's stream TTL.
-PAYLOAD_FIELDS = frozenset({"messages", "model", "max_tokens", "temperature", "metadata"})
+PAYLOAD_FIELDS = frozenset(
+    {"messages", "model", "max_tokens", "temperature", "metadata", *TIMEOUT_FIELDS}
+)
 STREAM_TTL_FIELD = "stream_ttl"
 #: The longest stream TTL a worker accepts in a payload: 30 days.
 MAX_STREAM_TTL = 30 * 86_400
@@ -50,6 +62,13 @@ class GenerationRequest:
     temperature: float | None = None
     job_id: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: Seconds the whole job may take (RQ's job timeout), over every attempt.
+    timeout: int | None = None
+    #: Seconds an attempt may wait for its first token, and between two tokens.
+    first_token_timeout: float | None = None
+    stall_timeout: float | None = None
+    #: Submits with this key return one job (see `tokenrelay.producer.idempotency`).
+    idempotency_key: str | None = None
 
     @property
     def prompt_chars(self) -> int:
@@ -64,7 +83,17 @@ class GenerationRequest:
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "metadata": dict(self.metadata),
+            **{name: getattr(self, name) for name in TIMEOUT_FIELDS if getattr(self, name)},
         }
+
+    def fingerprint(self) -> str:
+        """A digest of what the job will generate (its payload), to tell two requests apart.
+
+        The job id and the idempotency key are not part of it: they name the job, they do
+        not change what it generates.
+        """
+        canonical = json.dumps(self.to_payload(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _check_text(where: str, text: object) -> str:
@@ -140,10 +169,30 @@ def _check_options(
             )
 
 
+def _check_timeout(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be a number of seconds, got {shown(value)}")
+    if not 0 < value <= MAX_TIMEOUT:  # also refuses NaN
+        raise InvalidRequestError(
+            f"{name} must be more than 0 and at most {MAX_TIMEOUT:,} seconds, got {value:g}"
+        )
+    return float(value)
+
+
 def _check_job_id(job_id: str | None) -> None:
     if job_id is not None and not (isinstance(job_id, str) and JOB_ID_PATTERN.fullmatch(job_id)):
         raise InvalidRequestError(
             f"job_id {shown(job_id)} is not allowed: use 1 to 128 letters, digits, '_' or '-'"
+        )
+
+
+def _check_idempotency_key(key: str | None) -> None:
+    if key is not None and not (isinstance(key, str) and IDEMPOTENCY_KEY_PATTERN.fullmatch(key)):
+        raise InvalidRequestError(
+            f"idempotency_key {shown(key)} is not allowed: "
+            "use 1 to 200 printable ASCII characters without spaces"
         )
 
 
@@ -185,6 +234,10 @@ def build_request(
     temperature: float | None = None,
     job_id: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+    first_token_timeout: float | None = None,
+    stall_timeout: float | None = None,
+    idempotency_key: str | None = None,
     settings: Settings,
 ) -> GenerationRequest:
     """A checked request; raises InvalidRequestError with a message that says what to fix."""
@@ -192,6 +245,8 @@ def build_request(
     _check_prompt(checked, settings)
     _check_options(model, max_tokens, temperature, settings)
     _check_job_id(job_id)
+    _check_idempotency_key(idempotency_key)
+    job_timeout = _check_timeout("timeout", timeout)
     return GenerationRequest(
         messages=tuple(checked),
         model=model,
@@ -199,6 +254,10 @@ def build_request(
         temperature=None if temperature is None else float(temperature),
         job_id=job_id,
         metadata=_check_metadata(metadata),
+        timeout=None if job_timeout is None else math.ceil(job_timeout),
+        first_token_timeout=_check_timeout("first_token_timeout", first_token_timeout),
+        stall_timeout=_check_timeout("stall_timeout", stall_timeout),
+        idempotency_key=idempotency_key,
     )
 
 
@@ -240,6 +299,9 @@ def request_from_payload(
         temperature=payload.get("temperature"),
         job_id=job_id,
         metadata=payload.get("metadata"),
+        timeout=payload.get("timeout"),
+        first_token_timeout=payload.get("first_token_timeout"),
+        stall_timeout=payload.get("stall_timeout"),
         settings=settings,
     )
     return request, ttl

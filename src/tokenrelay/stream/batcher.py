@@ -10,8 +10,11 @@ entries land in order.
 
 A pipeline whose connection broke has an unknown outcome for each of its entries; each is
 sent again exactly as it was (the append script recognises the writer's own retried `seq`),
-before anything newer of its stream. Tokens wait in memory meanwhile, up to `MAX_PENDING` a
-stream; a job past that waits for its writes (`BatchedStream.backlogged`, `drain`).
+before anything newer of its stream. While Redis is away (an outage, a failover), tokens wait
+in memory, up to `MAX_PENDING` a stream (`BatchedStream.backlogged`: the generation then
+waits for its writes, or, during an outage, ends its attempt to continue it later), and are
+written in order when it comes back. Past the outage limit (TOKENRELAY_REDIS_OUTAGE_LIMIT),
+the streams still waiting are refused with RedisUnavailableError, so nothing waits forever.
 """
 
 from __future__ import annotations
@@ -26,8 +29,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tokenrelay.errors import RedisUnavailableError
+from tokenrelay.outage import Outage, aretry, backoff
 from tokenrelay.stream import keys, scripts
-from tokenrelay.stream.protocol import LifecycleEvent, StartEntry, Terminal, TokenEntry
+from tokenrelay.stream.protocol import (
+    AttemptEntry,
+    LifecycleEvent,
+    Policy,
+    StartEntry,
+    StatusEntry,
+    Terminal,
+    TokenEntry,
+)
 from tokenrelay.stream.writer import new_writer_token, terminal_event
 
 log = structlog.get_logger()
@@ -37,9 +50,6 @@ MAX_PENDING = 10_000
 
 #: The most streams one pipeline carries.
 MAX_STREAMS_PER_FLUSH = 1_000
-
-#: Seconds before a pipeline whose connection broke is tried again (doubling, up to 2 s).
-RETRY_DELAY = 0.05
 
 #: The least time between two pipelines. A token that comes after a quiet spell is written at
 #: once; in a burst, what comes within this time shares one entry a stream, and one pipeline
@@ -55,18 +65,29 @@ def _well_formed(text: str) -> str:
 class BatchedStream:
     """One job's stream, written through its process's `StreamBatcher`: one writer, in order."""
 
-    def __init__(self, batcher: StreamBatcher, job_id: str, *, ttl: int, events_cap: int) -> None:
+    def __init__(
+        self,
+        batcher: StreamBatcher,
+        job_id: str,
+        *,
+        ttl: int,
+        events_cap: int,
+        maxlen: int = 0,
+        claim: scripts.Claim | None = None,
+    ) -> None:
         self.job_id = job_id
-        self.writer_token = new_writer_token()
+        self.writer_token = new_writer_token() if claim is None else claim.writer
         self.ttl = ttl
         self.events_cap = events_cap
-        self.tokens = 0  # taken so far (written or waiting)
+        self.maxlen = maxlen
+        #: The text's tokens so far, written or waiting: the `seq` the next one gets.
+        self.tokens = 0 if claim is None else claim.next_seq
         self.first_token_at: float | None = None
         self.error: Exception | None = None  # why the stream refused this writer
         self._batcher = batcher
         self._keys = scripts.stream_keys(job_id)
         self._pending: list[str] = []
-        self._next_seq = 0  # the seq of the next entry to send
+        self._next_seq = self.tokens  # the seq of the next entry to send
         self._sending: list[TokenEntry] = []  # in flight, or to be sent again as they were
         self._held = ""  # a high surrogate whose low half may come with the next token
         self._written = asyncio.Event()
@@ -78,10 +99,45 @@ class BatchedStream:
         """Whether the job should wait for its tokens to be written before adding more."""
         return len(self._pending) >= MAX_PENDING
 
-    async def begin(self, start: StartEntry, *, queue: str | None) -> None:
-        """Write the `start` entry; this stream's writer token becomes the only one allowed."""
-        args = scripts.begin_args(start, ttl=self.ttl, queue=queue, events_cap=self.events_cap)
+    @property
+    def backlog(self) -> int:
+        """Tokens taken and not yet sent."""
+        return len(self._pending)
+
+    async def begin(self, start: StartEntry, *, queue: str | None, lease_ms: int) -> None:
+        """Write the `start` entry; this stream's writer token becomes the only one allowed,
+        and the job's lease lasts `lease_ms` unless renewed."""
+        args = scripts.begin_args(
+            start,
+            ttl=self.ttl,
+            queue=queue,
+            events_cap=self.events_cap,
+            lease_ms=lease_ms,
+            maxlen=self.maxlen,
+        )
         await self._batcher.run(scripts.BEGIN, scripts.with_events(self.job_id), args)
+
+    async def status(self, entry: StatusEntry) -> None:
+        """Write a `status` entry after every token taken."""
+        await self.drain()
+        args = scripts.status_args(self.writer_token, entry)
+        await self._batcher.run(scripts.STATUS, self._keys, args)
+
+    async def new_attempt(
+        self, entry: AttemptEntry, *, prompt_tokens: int = 0, completion_tokens: int = 0
+    ) -> None:
+        """Write an `attempt` entry after every token taken, with the usage of the attempt that
+        ended; with the restart policy the tokens count from 0 again."""
+        await self.drain()
+        args = scripts.attempt_args(
+            self.writer_token,
+            entry,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+        await self._batcher.run(scripts.ATTEMPT, self._keys, args)
+        if entry.policy == Policy.RESTART:
+            self.tokens = self._next_seq = 0
 
     def add(self, text: str) -> None:
         """Take one token to write; raises the stream's refusal once it refused this writer."""
@@ -91,6 +147,11 @@ class BatchedStream:
             text = self._checked(text)
         if text:  # an empty delta carries nothing to show
             self._take(text)
+
+    @property
+    def outage(self) -> bool:
+        """Whether Redis is away (tokens are held in memory meanwhile)."""
+        return self._batcher.outage.down
 
     def _checked(self, text: str) -> str:
         """The text as valid UTF-8: a split surrogate pair joined, a lone surrogate replaced."""
@@ -131,6 +192,8 @@ class BatchedStream:
         self, entry: Terminal, *, queue: str | None, model: str | None, nonce: str
     ) -> bool:
         """Write the terminal entry after every token; False if the stream ended elsewhere."""
+        if isinstance(self.error, RedisUnavailableError):
+            raise self.error  # the outage outlasted its limit: this worker cannot end it
         if self.error is None:
             await self.drain()
         event: LifecycleEvent = terminal_event(self.job_id, entry, queue, model)
@@ -184,10 +247,17 @@ class BatchedStream:
 
 
 class StreamBatcher:
-    """Writes the new tokens of every stream of one process, one pipeline at a time."""
+    """Writes the new tokens of every stream of one process, one pipeline at a time.
 
-    def __init__(self, client: aioredis.Redis, *, tokens_per_entry: int = 0) -> None:
+    `outage` is the process's record of Redis being away: every write waits for Redis
+    through it, up to its limit.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, *, outage: Outage, tokens_per_entry: int = 0
+    ) -> None:
         self.client = client
+        self.outage = outage
         self.tokens_per_entry = tokens_per_entry  # 0: as many as came
         self.flushes = 0  # pipelines sent
         self.entries = 0  # token entries written
@@ -195,10 +265,18 @@ class StreamBatcher:
         self._wake = asyncio.Event()
 
     def stream(
-        self, job_id: str, *, ttl: int, events_cap: int = keys.EVENTS_HARD_CAP
+        self,
+        job_id: str,
+        *,
+        ttl: int,
+        events_cap: int = keys.EVENTS_HARD_CAP,
+        maxlen: int = 0,
+        claim: scripts.Claim | None = None,
     ) -> BatchedStream:
-        """A new stream writer for one attempt at a job."""
-        return BatchedStream(self, job_id, ttl=ttl, events_cap=events_cap)
+        """A stream writer for a job: a new one, or (with `claim`) one taken over."""
+        return BatchedStream(
+            self, job_id, ttl=ttl, events_cap=events_cap, maxlen=maxlen, claim=claim
+        )
 
     def mark(self, stream: BatchedStream) -> None:
         """Note that `stream` has tokens to write."""
@@ -206,18 +284,23 @@ class StreamBatcher:
         self._wake.set()
 
     async def run(self, script: scripts.Script, script_keys: list[str], args: list[str]) -> Any:
-        """Run one script now (a begin or a close), loading it if Redis lost it."""
-        try:
+        """Run one script now (a begin, an attempt, a close), loading it if Redis lost it, and
+        waiting out an outage up to its limit (every script is safe to send again)."""
+
+        async def call() -> Any:
             try:
                 return await self.client.evalsha(script.sha, len(script_keys), *script_keys, *args)
             except NoScriptError:
                 return await self.client.eval(script.source, len(script_keys), *script_keys, *args)
+
+        try:
+            return await aretry(self.outage, call)
         except ResponseError as exc:
             raise scripts.refusal(str(exc)) from None
 
     async def serve(self) -> None:
         """Write tokens as they come, until cancelled."""
-        delay = RETRY_DELAY
+        tries = 0
         loop = asyncio.get_running_loop()
         last = 0.0
         while True:
@@ -229,10 +312,10 @@ class StreamBatcher:
                     await asyncio.sleep(wait)
                 last = loop.time()
                 if await self._flush():
-                    delay = RETRY_DELAY
+                    tries = 0
                 else:  # the connection broke: wait, then send the same entries again
-                    await asyncio.sleep(delay)
-                    delay = min(2.0, delay * 2)
+                    await asyncio.sleep(backoff(tries))
+                    tries += 1
 
     async def _flush(self) -> bool:
         """Send one pipeline; False if its connection broke (its entries are to be resent)."""
@@ -243,7 +326,9 @@ class StreamBatcher:
             del self._waiting[stream]
             entries, ttl = stream._next_entries(self.tokens_per_entry)
             for entry in entries:  # one connection runs them in order
-                args = scripts.append_args(stream.writer_token, entry, ttl=ttl)
+                args = scripts.append_args(
+                    stream.writer_token, entry, ttl=ttl, maxlen=stream.maxlen
+                )
                 pipe.evalsha(scripts.APPEND.sha, 2, *stream._keys, *args)
             if entries:
                 batch.append((stream, len(entries)))
@@ -252,10 +337,14 @@ class StreamBatcher:
         try:
             replies = await pipe.execute(raise_on_error=False)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            log.warning("stream.write_failed", streams=len(batch), error=str(exc))
             for stream, _ in batch:
                 self._waiting[stream] = None
+            try:
+                self.outage.failed(exc)
+            except RedisUnavailableError as gone:  # past the limit: stop holding on
+                self._give_up(gone)
             return False
+        self.outage.ok()
         if any(isinstance(reply, NoScriptError) for reply in replies):
             await self.client.script_load(scripts.APPEND.source)  # after a Redis restart
             for stream, _ in batch:  # not one of them ran: send them all again
@@ -272,3 +361,10 @@ class StreamBatcher:
                 self.entries += count
                 stream._sent()
         return True
+
+    def _give_up(self, error: RedisUnavailableError) -> None:
+        """Refuse every stream still waiting to be written: the outage outlasted its limit."""
+        log.error("stream.writes_abandoned", streams=len(self._waiting), reason=str(error))
+        for stream in self._waiting:
+            stream._refused(error)
+        self._waiting.clear()

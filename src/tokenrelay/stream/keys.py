@@ -56,6 +56,22 @@ class StateField(StrEnum):
     START = "start"  # the entry id of the `start` entry
     END = "end"  # the entry id of the terminal entry, once written
     CLOSED_BY = "closed_by"  # the nonce of the call that wrote the terminal entry
+    ATTEMPT = "attempt"  # the number of the attempt now writing, from 1
+    ATTEMPT_FROM = "attempt_from"  # the `seq` at which that attempt's tokens begin
+    PROMPT_TOKENS = "prompt_tokens"  # usage of the attempts that ended, as far as known
+    COMPLETION_TOKENS = "completion_tokens"
+    MAXLEN = "maxlen"  # the stream's length cap (entries), if it has one
+
+
+#: The sorted set of running jobs' leases: job id -> the lease's deadline, in milliseconds of
+#: Redis's clock. A worker renews the leases of its jobs; one whose deadline has passed by
+#: TOKENRELAY_TAKEOVER_AFTER belongs to a worker presumed dead, and another takes it over.
+LEASES = f"{PREFIX}:leases"
+
+
+def idempotency(key: str) -> str:
+    """The key that maps a producer's idempotency key to the job it submitted."""
+    return f"{PREFIX}:idempotency:{key}"
 
 
 def worker_stats(worker: str) -> str:
@@ -92,6 +108,7 @@ class Stat(StrEnum):
     EVENTS_DEAD = "events_dead"  # lifecycle events moved to the dead-letter stream
     STREAMS_MISSING = "streams_missing"  # job streams expired or trimmed before they were read
     STREAMS_MALFORMED = "streams_malformed"  # job streams that broke the protocol
+    STREAMS_GAPPED = "streams_gapped"  # job streams whose length cap cut tokens before reading
     TRANSCRIPTS = "transcripts"  # transcripts written (the recorder)
 
 

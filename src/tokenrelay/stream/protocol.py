@@ -15,7 +15,7 @@ from typing import Any, ClassVar, NamedTuple, get_type_hints
 
 from tokenrelay.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class EntryKind(StrEnum):
@@ -23,8 +23,11 @@ class EntryKind(StrEnum):
 
     START = "start"
     TOKEN = "token"
+    ATTEMPT = "attempt"
+    STATUS = "status"
     END = "end"
     ERROR = "error"
+    GAP = "gap"  # made by readers, never written: entries were trimmed before they were read
 
 
 class Event(StrEnum):
@@ -74,9 +77,62 @@ class TokenEntry:
         return 1 if self.n is None else self.n
 
 
+class Policy(StrEnum):
+    """What a new attempt does with the text of the ones before it."""
+
+    CONTINUE = "continue"  # the model is asked to go on from the text so far: keep it
+    RESTART = "restart"  # the model starts over: readers drop the text so far
+
+
+@dataclass(frozen=True)
+class AttemptEntry:
+    """A new attempt at the generation begins, after `reason` ended the one before.
+
+    With `continue`, its tokens go on from `from_seq`; with `restart`, they count from 0
+    again and readers drop the text of the attempts before.
+    """
+
+    kind: ClassVar[EntryKind] = EntryKind.ATTEMPT
+    attempt: int
+    reason: str
+    policy: Policy
+    from_seq: int
+
+
+class State(StrEnum):
+    """What a `status` entry says is happening."""
+
+    STALLED = "stalled"  # the worker running the job stopped renewing its lease
+    RETRYING = "retrying"  # the attempt failed; the next one starts after a wait
+
+
+@dataclass(frozen=True)
+class StatusEntry:
+    """News for readers while no tokens come: the job stalled, or will retry (and when)."""
+
+    kind: ClassVar[EntryKind] = EntryKind.STATUS
+    state: State
+    detail: str
+    retry_in_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class GapEntry:
+    """Made by a reader, never written: the stream lost tokens `first_seq` to `last_seq` to
+    its length cap (TOKENRELAY_STREAM_MAXLEN) before the reader got to them."""
+
+    kind: ClassVar[EntryKind] = EntryKind.GAP
+    first_seq: int
+    last_seq: int
+
+
 @dataclass(frozen=True)
 class EndEntry:
-    """The terminal entry of a successful generation, with its usage and timings."""
+    """The terminal entry of a successful generation, with its usage and timings.
+
+    `tokens` counts the text's tokens (with the restart policy, the last attempt's); the usage
+    covers every attempt (`attempts`), as far as the model reported it.
+    """
 
     kind: ClassVar[EntryKind] = EntryKind.END
     finish_reason: str
@@ -87,6 +143,7 @@ class EndEntry:
     queue_wait_ms: float | None = None
     ttft_ms: float | None = None
     duration_ms: float | None = None
+    attempts: int = 1
 
 
 @dataclass(frozen=True)
@@ -100,7 +157,7 @@ class ErrorEntry:
     attempt: int = 1
 
 
-Entry = StartEntry | TokenEntry | EndEntry | ErrorEntry
+Entry = StartEntry | TokenEntry | AttemptEntry | StatusEntry | GapEntry | EndEntry | ErrorEntry
 Terminal = EndEntry | ErrorEntry
 TERMINAL_KINDS = frozenset({EntryKind.END, EntryKind.ERROR})
 
@@ -128,7 +185,8 @@ class Record(NamedTuple):
 
 
 _ENTRY_CLASSES: dict[str, type[Entry]] = {
-    cls.kind.value: cls for cls in (StartEntry, TokenEntry, EndEntry, ErrorEntry)
+    cls.kind.value: cls
+    for cls in (StartEntry, TokenEntry, AttemptEntry, StatusEntry, EndEntry, ErrorEntry)
 }
 
 
@@ -155,10 +213,13 @@ _CASTS: dict[Any, Callable[[str], Any]] = {
     float | None: float,
     str | None: str,
     Event: Event,
+    Policy: Policy,
+    State: State,
 }
 
 
 _SCHEMAS: dict[type, tuple[tuple[str, Callable[[str], Any]], ...]] = {}
+_OPTIONAL: dict[type, frozenset[str]] = {}
 
 
 def _schema(cls: type) -> tuple[tuple[str, Callable[[str], Any]], ...]:
@@ -167,6 +228,10 @@ def _schema(cls: type) -> tuple[tuple[str, Callable[[str], Any]], ...]:
     if schema is None:
         hints = get_type_hints(cls)
         schema = _SCHEMAS[cls] = tuple((f.name, _CASTS[hints[f.name]]) for f in fields(cls))
+        # Fields that may be None are written only when known: absent, they are None.
+        _OPTIONAL[cls] = frozenset(
+            f.name for f in fields(cls) if type(None) in getattr(hints[f.name], "__args__", ())
+        )
     return schema
 
 
@@ -195,10 +260,12 @@ def text(value: bytes | str) -> str:
 
 
 def _build(cls: type[Any], data: Mapping[str, str]) -> Any:
-    values = {}
+    values: dict[str, Any] = {}
     for name, cast in _schema(cls):
         if name in data:
             values[name] = cast(data[name])
+        elif name in _OPTIONAL[cls]:
+            values[name] = None
     try:
         return cls(**values)
     except TypeError as exc:

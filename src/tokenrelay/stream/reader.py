@@ -1,12 +1,14 @@
 """Reading a job's token stream: replay, resume after an entry id, or follow live, to the end.
 
-A follower holds one connection of the client's pool for as long as it reads, and every
-command it sends, and the making of that connection, has its own socket deadline, so
-`timeout=` holds even against a Redis that stops answering (only the wait for a free pooled
-connection, `connection.POOL_WAIT`, lies outside it). Every record passes the stream's
-integrity rules (`StreamCheck`) before it is yielded. A stream that disappears under its
-reader (it expired, or was deleted) ends the read with `StreamExpiredError` instead of an
-endless wait.
+A follower reads on one connection of the client's pool, through a `Channel`: every command
+has its own deadline, so `timeout=` holds even against a Redis that stops answering, and a
+Redis outage (a restart, a failover) is ridden out: the follower reconnects with backoff and
+jitter and reads on after the last entry it yielded, so no entry is missed or doubled, for up
+to `outage_limit` seconds (then RedisUnavailableError). Every record passes the stream's
+integrity rules (`StreamCheck`) before it is yielded; on a stream with a length cap, tokens
+trimmed before they were read come as a `gap` record. A stream that disappears under its
+reader (it expired, was deleted, or Redis restarted without its data) ends the read with
+`StreamExpiredError` instead of an endless wait.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from redis import Redis
-from redis.connection import Connection
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tokenrelay.errors import JobNotFoundError, StreamExpiredError, StreamTimeoutError
+from tokenrelay.errors import JobNotFoundError, StreamExpiredError
+from tokenrelay.outage import Outage
+from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
+from tokenrelay.stream.channel import Channel
 from tokenrelay.stream.integrity import StreamCheck
 from tokenrelay.stream.keys import StateField
 from tokenrelay.stream.protocol import Record, is_terminal, records, text
@@ -35,8 +38,9 @@ PAGE = 512
 #: still exists and its own deadline.
 MAX_BLOCK = 2.0
 
-#: How much longer than the server's block a reply may take before Redis counts as silent.
-REPLY_GRACE = 5.0
+#: Seconds a reader rides out Redis being unreachable, unless told otherwise
+#: (TOKENRELAY_REDIS_OUTAGE_LIMIT's default).
+OUTAGE_LIMIT: float = Settings.redis_outage_limit
 
 
 def _prev(entry_id: str) -> str:
@@ -69,6 +73,20 @@ def _xread_entries(raw: Any) -> list[Record]:
     return [r for _, entries in raw for r in _entries(entries)]
 
 
+def _capped(maxlen: Any) -> bool:
+    """Whether a state hash's `maxlen` field (None when absent) gives the stream a length cap."""
+    return maxlen is not None and int(text(maxlen)) > 0
+
+
+def _checked(check: StreamCheck, record: Record, last: str) -> Iterator[Record]:
+    """The record, after its check; preceded by a `gap` record (its id `last`, the entry id
+    before) if tokens were trimmed before it."""
+    gap = check.check(record)
+    if gap is not None:
+        yield Record(last, gap)
+    yield record
+
+
 def read_stream(
     client: Redis,
     job_id: str,
@@ -77,6 +95,7 @@ def read_stream(
     live: bool = False,
     timeout: float | None = None,
     alive_keys: Sequence[str] = (),
+    outage_limit: float = OUTAGE_LIMIT,
 ) -> Iterator[Record]:
     """Yield the job's entries after `after`, following the stream until its terminal entry.
 
@@ -85,94 +104,75 @@ def read_stream(
     come (the queued job's): with neither them nor the stream there, the read ends with
     JobNotFoundError at once, or StreamExpiredError if the stream vanished while being read.
     Raises StreamTimeoutError if the stream has not ended `timeout` seconds after the call,
+    RedisUnavailableError if Redis stays unreachable for longer than `outage_limit` seconds,
     and ProtocolError if the stream breaks its integrity rules.
     """
-    follower = _Follower(client, job_id, alive_keys, timeout)
+    follower = _Follower(client, job_id, alive_keys, timeout, outage_limit)
     if live:  # where "now" is, when the reader asks (not when it first reads)
-        newest = records(client.xrevrange(follower.key, count=1))
-        if newest:
-            entry = newest[0]
-            # A live reader of a stream that has already ended is still given its terminal entry.
-            after = _prev(entry.id) if is_terminal(entry.entry) else entry.id
+        after = follower.newest()
     return follower.follow(after)
 
 
 class _Follower:
-    """Reads one stream on a connection of its own, each command bounded by the deadline."""
+    """Reads one stream on a channel of its own, each command bounded by the deadline."""
 
     def __init__(
-        self, client: Redis, job_id: str, alive_keys: Sequence[str], timeout: float | None
+        self,
+        client: Redis,
+        job_id: str,
+        alive_keys: Sequence[str],
+        timeout: float | None,
+        outage_limit: float,
     ) -> None:
-        self.client = client
         self.job_id = job_id
         self.key = keys.token_stream(job_id)
         self.state_key = keys.stream_state(job_id)
         self.alive_keys = [self.key, *alive_keys]
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.channel = Channel(
+            client,
+            deadline=None if timeout is None else time.monotonic() + timeout,
+            outage=Outage(outage_limit, who=f"reader of {self.key}"),
+            late=f"{self.key} did not end in time",
+        )
+
+    def newest(self) -> str:
+        """Where a live reader starts: after the newest entry, or just before it if it ends
+        the stream (a live reader of an ended stream is still given its terminal entry)."""
+        with self.channel:
+            newest = _entries(self.channel.call("XREVRANGE", self.key, "+", "-", "COUNT", 1))
+        if not newest:
+            return BEGINNING
+        entry = newest[0]
+        return _prev(entry.id) if is_terminal(entry.entry) else entry.id
 
     def follow(self, after: str) -> Iterator[Record]:
-        pool = self.client.connection_pool
-        connection = self._connection(pool)
-        try:
-            if not self._command(connection, "EXISTS", *self.alive_keys):
+        with self.channel:
+            if not self.channel.call("EXISTS", *self.alive_keys):
                 raise JobNotFoundError(f"no job {self.job_id!r} (it may have expired)")
-            last = after
-            if self._ended_before(connection, last):
+            if self._ended_before(after):
                 return  # resumed at or past the terminal entry: nothing more will come
-            check = StreamCheck(self.key, from_start=last == BEGINNING)
+            last, check = after, None
             while True:
-                batch = self._read(connection, last)
+                batch = self._read(last)
                 if not batch:
-                    if self._ended_before(connection, last):
+                    if self._ended_before(last):
                         return
                     continue
+                if check is None:  # the stream has begun: its state says if it is capped
+                    maxlen = self.channel.call("HGET", self.state_key, StateField.MAXLEN.value)
+                    check = StreamCheck(
+                        self.key, from_start=after == BEGINNING, capped=_capped(maxlen)
+                    )
                 for record in batch:
-                    check.check(record)
+                    yield from _checked(check, record, last)
                     last = record.id
-                    yield record
                     if is_terminal(record.entry):
                         return
-        finally:
-            pool.release(connection)
 
-    def _connection(self, pool: Any) -> Connection:
-        """A connection of the pool; made within the deadline, where the pool can do that."""
-        within = getattr(pool, "get_connection_within", None)
-        remaining = self._remaining()
-        if within is None or remaining is None:
-            connection: Connection = pool.get_connection()
-            return connection
-        try:
-            connection = within(remaining)
-        except RedisTimeoutError:
-            raise StreamTimeoutError(f"{self.key} did not end in time") from None
-        return connection
-
-    def _remaining(self) -> float | None:
-        if self.deadline is None:
-            return None
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise StreamTimeoutError(f"{self.key} did not end in time")
-        return remaining
-
-    def _command(self, connection: Connection, *args: Any, block: float = 0.0) -> Any:
-        """Send one command; wait for its raw reply no longer than the block and the deadline."""
-        remaining = self._remaining()
-        wait = block + REPLY_GRACE if remaining is None else min(block + REPLY_GRACE, remaining)
-        try:
-            connection.send_command(*args)  # type: ignore[no-untyped-call]  # unannotated
-            return connection.read_response(timeout=wait)
-        except RedisTimeoutError:
-            if remaining is not None and wait >= remaining:  # the deadline cut the wait short
-                raise StreamTimeoutError(f"{self.key} did not end in time") from None
-            raise
-
-    def _read(self, connection: Connection, last: str) -> list[Record]:
-        remaining = self._remaining()
+    def _read(self, last: str) -> list[Record]:
+        remaining = self.channel.remaining()
         block = MAX_BLOCK if remaining is None else min(MAX_BLOCK, remaining)
-        reply = self._command(
-            connection,
+        reply = self.channel.call(
             "XREAD",
             "COUNT",
             PAGE,
@@ -185,12 +185,12 @@ class _Follower:
         )
         return _xread_entries(reply)
 
-    def _ended_before(self, connection: Connection, last: str) -> bool:
+    def _ended_before(self, last: str) -> bool:
         """After an idle block: whether the stream ended at or before `last` (a resume past the
         end); raises StreamExpiredError if the stream and what it waits on are gone."""
-        if not self._command(connection, "EXISTS", *self.alive_keys):
+        if not self.channel.call("EXISTS", *self.alive_keys):
             raise StreamExpiredError(f"{self.key} is gone: it expired or was deleted")
-        end = self._command(connection, "HGET", self.state_key, StateField.END.value)
+        end = self.channel.call("HGET", self.state_key, StateField.END.value)
         return end is not None and _order(last) >= _order(text(end))
 
 
@@ -198,16 +198,18 @@ def scan_stream(client: Redis, job_id: str, *, page: int = PAGE) -> Iterator[Rec
     """Every entry of the job's stream as it is now, page by page, checked; no waiting.
 
     For consumers that read whole streams of ended jobs (the recorder, metrics): memory
-    stays at one page whatever the stream's length.
+    stays at one page whatever the stream's length. On a capped stream, tokens trimmed
+    before they were read come as a `gap` record, as `read_stream` gives them.
     """
     key = keys.token_stream(job_id)
-    check = StreamCheck(key)
-    start = "-"
+    maxlen = client.hget(keys.stream_state(job_id), StateField.MAXLEN.value)
+    check = StreamCheck(key, capped=_capped(maxlen))
+    start, last = "-", BEGINNING
     while True:
         batch = records(client.xrange(key, min=start, count=page))
         for record in batch:
-            check.check(record)
-            yield record
+            yield from _checked(check, record, last)
+            last = record.id
         if len(batch) < page:
             return
         start = f"({batch[-1].id}"

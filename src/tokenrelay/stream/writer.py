@@ -79,11 +79,20 @@ class StreamWriter:
     """A synchronous writer of one job's stream: `start`, tokens from 0, the end, one each.
 
     Every write carries this writer's token; once another writer owns the stream, or it was
-    closed (a cancel, a clean-up), each write raises instead of reaching the stream.
+    closed (a cancel, a clean-up), each write raises instead of reaching the stream. It
+    renews no lease: its lease lasts `lease` seconds (by default as long as the stream), after
+    which a worker may take the job over.
     """
 
     def __init__(
-        self, client: Redis, job_id: str, *, ttl: int, events_cap: int = keys.EVENTS_HARD_CAP
+        self,
+        client: Redis,
+        job_id: str,
+        *,
+        ttl: int,
+        events_cap: int = keys.EVENTS_HARD_CAP,
+        lease: float | None = None,
+        maxlen: int = 0,
     ) -> None:
         self.job_id = job_id
         self.writer_token = new_writer_token()
@@ -91,6 +100,8 @@ class StreamWriter:
         self.tokens = 0
         self._client = client
         self._ttl = ttl
+        self._lease_ms = int(1000 * (ttl if lease is None else lease))
+        self._maxlen = maxlen
 
     def start(self, entry: StartEntry, queue: str | None = None) -> None:
         """Write the `start` entry and the `started` event, and become the stream's writer.
@@ -100,13 +111,20 @@ class StreamWriter:
         """
         if entry.writer != self.writer_token:
             raise ValueError("the start entry must carry this writer's token")
-        args = scripts.begin_args(entry, ttl=self._ttl, queue=queue, events_cap=self.events_cap)
+        args = scripts.begin_args(
+            entry,
+            ttl=self._ttl,
+            queue=queue,
+            events_cap=self.events_cap,
+            lease_ms=self._lease_ms,
+            maxlen=self._maxlen,
+        )
         run_script(self._client, scripts.BEGIN, scripts.with_events(self.job_id), args)
 
     def token(self, text: str) -> None:
         """Append one token; raises once the stream was closed or fenced elsewhere."""
         entry = TokenEntry(self.tokens, text)
-        args = scripts.append_args(self.writer_token, entry, ttl=self._ttl)
+        args = scripts.append_args(self.writer_token, entry, ttl=self._ttl, maxlen=self._maxlen)
         run_script(self._client, scripts.APPEND, scripts.stream_keys(self.job_id), args)
         self.tokens += 1
 

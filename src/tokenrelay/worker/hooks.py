@@ -12,15 +12,17 @@ from types import TracebackType
 
 import structlog
 from redis import Redis
+from rq.exceptions import AbandonedJobError
 from rq.job import Job
 
 from tokenrelay.errors import WriterFencedError
 from tokenrelay.producer.request import stream_ttl_of
 from tokenrelay.settings import Settings
+from tokenrelay.stream import keys
 from tokenrelay.stream.protocol import ErrorEntry
 from tokenrelay.stream.writer import close_stream
 from tokenrelay.worker.attempts import attempt_of
-from tokenrelay.worker.llm import error_entry
+from tokenrelay.worker.failures import error_entry
 
 log = structlog.get_logger()
 
@@ -51,6 +53,9 @@ def on_failure(
     exc = exc_value if exc_value is not None else exc_type()
     if isinstance(exc, WriterFencedError):  # the stream is another run's: never touch it
         return
+    if isinstance(exc, AbandonedJobError) and connection.zscore(keys.LEASES, job.id) is not None:
+        return  # its lease says it is running, or will be taken over: not abandoned
+
     end_with_error(connection, job, error_entry(exc, attempt=attempt_of(job)))
 
 

@@ -1,41 +1,18 @@
-"""The model client: `ChatOpenAI` configured from settings and the request, and error triage."""
+"""The model clients: `ChatOpenAI` configured from settings and the request, sharing connections."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import httpx2
-import openai
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
-from rq.exceptions import AbandonedJobError
-from rq.timeouts import JobTimeoutException
 
-from tokenrelay.errors import GenerationError
 from tokenrelay.producer.request import GenerationRequest
-from tokenrelay.settings import Secret, Settings
-from tokenrelay.stream.protocol import ErrorEntry
+from tokenrelay.settings import Settings
 
 #: What a local server without authentication is sent as an API key.
 NO_KEY = "unused"
-
-_RETRYABLE = (
-    openai.APIConnectionError,  # includes APITimeoutError
-    openai.RateLimitError,
-    openai.InternalServerError,
-    GenerationError,
-    JobTimeoutException,
-    AbandonedJobError,
-)
-
-_MAX_MESSAGE = 1000
-
-#: What happened, for the exceptions RQ raises without a message.
-_MESSAGES: dict[type[BaseException], str] = {
-    AbandonedJobError: "the worker running the job died or vanished (its heartbeat lapsed)",
-    JobTimeoutException: "the job ran longer than its timeout",
-}
-
 
 #: How many differently configured model clients a worker keeps (model, temperature, limit).
 _KEPT_CLIENTS = 64
@@ -55,11 +32,14 @@ class ChatModels:
         self.http = httpx2.AsyncClient(limits=limits)
         self._clients: OrderedDict[tuple[str, float, int], ChatOpenAI] = OrderedDict()
 
-    def for_request(self, request: GenerationRequest) -> ChatOpenAI:
-        """A streaming client for the request's model, with its limits."""
+    def for_request(
+        self, request: GenerationRequest, *, max_tokens: int | None = None
+    ) -> ChatOpenAI:
+        """A streaming client for the request's model, with its limits (`max_tokens`: what is
+        left of the request's, for an attempt that goes on from a partial answer)."""
         settings = self.settings
         model = request.model or settings.model
-        max_tokens = request.max_tokens or settings.max_tokens
+        max_tokens = max_tokens or request.max_tokens or settings.max_tokens
         temperature = settings.temperature if request.temperature is None else request.temperature
         key = (model, temperature, max_tokens)
         client = self._clients.get(key)
@@ -92,35 +72,3 @@ class ChatModels:
     async def aclose(self) -> None:
         """Close the shared HTTP connections."""
         await self.http.aclose()
-
-
-def _describe(exc: BaseException) -> str:
-    """What went wrong, in words: the client's own message, and for a connection error its cause.
-
-    The OpenAI client says only "Connection error." whatever happened; the innermost cause
-    says whether the server refused the connection, closed it mid-answer, or never answered.
-    """
-    message = str(exc) or _MESSAGES.get(type(exc), f"{type(exc).__name__} was raised")
-    if not isinstance(exc, openai.APIConnectionError):
-        return message
-    request = getattr(exc, "request", None)
-    where = f" at {request.url.scheme}://{request.url.netloc.decode()}" if request else ""
-    root, cause = None, exc.__cause__ or exc.__context__
-    while cause is not None:
-        root = cause if str(cause) else root
-        cause = cause.__cause__ or cause.__context__
-    why = f": {type(root).__name__}: {root}" if root is not None else ""
-    return f"{message.rstrip('.')} talking to the model server{where}{why}"
-
-
-def error_entry(exc: BaseException, *, attempt: int, secret: Secret | None = None) -> ErrorEntry:
-    """The `error` entry for an exception: its type, a redacted message, whether to retry."""
-    message = _describe(exc)
-    if secret:
-        message = message.replace(secret.reveal(), "**********")
-    return ErrorEntry(
-        error_type=type(exc).__name__,
-        message=message[:_MAX_MESSAGE],
-        retryable=isinstance(exc, _RETRYABLE),
-        attempt=attempt,
-    )

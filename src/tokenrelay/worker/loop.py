@@ -7,6 +7,11 @@ noticed at the heartbeat, a cold shutdown); the worker records why before cancel
 and the generation ends its stream with that reason. RQ's bookkeeping runs in a small pool
 of threads; nothing on a token's way blocks the loop.
 
+Each job holds a lease that the loop renews (`worker.leases`); the loop also looks every
+second for jobs whose lease lapsed (their worker died) and takes them over, even when all its
+slots are busy. Redis outages are ridden out: writes wait in the batcher, RQ's bookkeeping
+is retried, and the process's `Outage` logs each outage once (TOKENRELAY_REDIS_OUTAGE_LIMIT).
+
 Signals: the first SIGINT or SIGTERM stops taking jobs and lets the running ones finish (warm
 shutdown); a second one stops them all at once, each with a `WorkerShutdown` error (cold).
 """
@@ -14,9 +19,11 @@ shutdown); a second one stops them all at once, each with a `WorkerShutdown` err
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import signal
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,14 +36,22 @@ from rq.job import JobStatus
 from rq.timeouts import JobTimeoutException
 
 from tokenrelay.connection import async_client_for
-from tokenrelay.errors import StreamClosedError, WorkerShutdownError, WriterFencedError
+from tokenrelay.errors import (
+    RedisUnavailableError,
+    StreamClosedError,
+    WorkerShutdownError,
+    WriterFencedError,
+)
+from tokenrelay.outage import REDIS_DOWN, UNAVAILABLE, retry
 from tokenrelay.settings import Settings
 from tokenrelay.stream.batcher import StreamBatcher
 from tokenrelay.stream.keys import WorkerStat
 from tokenrelay.stream.protocol import CANCELLED, ErrorEntry
+from tokenrelay.stream.scripts import Claim
 from tokenrelay.worker.generation import JobRun, generate
 from tokenrelay.worker.intake import DEQUEUE_WAIT, Intake
 from tokenrelay.worker.lag import LoopLag
+from tokenrelay.worker.leases import SCAN_INTERVAL, Held, Leases
 from tokenrelay.worker.llm import ChatModels
 from tokenrelay.worker.rq_worker import RelayJob, RelayWorker
 
@@ -54,6 +69,9 @@ DEQUEUE_BATCH = 50
 #: Seconds to wait before trying the queue again after Redis failed.
 RETRY_DELAY = 1.0
 
+#: Jobs of dead workers a worker takes over beyond its free slots, per look.
+TAKEOVER_EXTRA = 5
+
 
 @dataclass
 class _Running:
@@ -62,7 +80,9 @@ class _Running:
     task: asyncio.Task[None]
     run: JobRun
     execution: Execution | None = None
-    reason: str | None = None  # why the worker stopped it: timeout, stopped, lost, shutdown
+    #: Why the worker stopped it: timeout, stopped (a command), lost (ended elsewhere),
+    #: fenced (taken over), closed (its stream ended elsewhere), shutdown.
+    reason: str | None = None
 
 
 class WorkerLoop:
@@ -83,6 +103,7 @@ class WorkerLoop:
         self._slot_freed = asyncio.Event()
         self._admissions: set[asyncio.Task[None]] = set()
         self._pool = ThreadPoolExecutor(BOOKKEEPING_THREADS, thread_name_prefix="rq-bookkeeping")
+        self.outage = worker.outage
 
     async def run(self) -> None:
         """Work until stopped (or, in burst mode, until the queues are empty)."""
@@ -92,13 +113,23 @@ class WorkerLoop:
             loop.add_signal_handler(signum, self._signal, signum)
         self.redis = async_client_for(self.settings)
         self.intake = Intake(self.redis, self.worker.queues, burst=self.burst)
-        self.batcher = StreamBatcher(self.redis, tokens_per_entry=self.settings.tokens_per_entry)
+        self.batcher = StreamBatcher(
+            self.redis, outage=self.outage, tokens_per_entry=self.settings.tokens_per_entry
+        )
+        self.leases = Leases(
+            self.redis,
+            self.outage,
+            ttl=self.settings.lease_ttl,
+            takeover_after=self.settings.takeover_after,
+        )
         self.models = ChatModels(self.settings, connections=self.concurrency)
         background = [
             asyncio.create_task(self.batcher.serve(), name="stream-batcher"),
             asyncio.create_task(self.lag.watch(), name="loop-lag"),
             asyncio.create_task(self._heartbeats(), name="heartbeats"),
             asyncio.create_task(self._maintenance(), name="maintenance"),
+            asyncio.create_task(self._renewals(), name="lease-renewals"),
+            asyncio.create_task(self._takeovers(), name="takeovers"),
         ]
         try:
             await self._take_jobs()
@@ -119,6 +150,17 @@ class WorkerLoop:
         call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
+    async def _book(self, function: Callable[P, None], *args: P.args, **kwargs: P.kwargs) -> None:
+        """`_sync`, tried again while Redis is away (up to the outage limit): a job's end must
+        reach RQ's records. Each of these re-checks the job's status, so a retry is safe."""
+        call = functools.partial(function, *args, **kwargs)
+        await self._sync(retry, self.outage, call)
+
+    def _redis_down(self, exc: BaseException) -> None:
+        """Note that Redis is away (logged once per outage, by the outage)."""
+        with contextlib.suppress(RedisUnavailableError):  # the loop never gives up
+            self.outage.failed(exc)
+
     # Taking jobs.
 
     async def _take_jobs(self) -> None:
@@ -133,10 +175,15 @@ class WorkerLoop:
                 continue
             try:
                 taken = await self.intake.take(min(free, DEQUEUE_BATCH), self._stopping)
-            except Exception:  # Redis is down, or the queue could not be read: look again soon
+            except REDIS_DOWN as exc:  # Redis is away: look again soon
+                self._redis_down(exc)
+                await _within(self._stopping.wait(), RETRY_DELAY)
+                continue
+            except Exception:  # the queue could not be read: look again soon
                 log.exception("worker.dequeue_failed")
                 await _within(self._stopping.wait(), RETRY_DELAY)
                 continue
+            self.outage.ok()
             if not taken and self.burst and not self._busy:
                 return
             for job_id, queue_key in taken:
@@ -161,8 +208,12 @@ class WorkerLoop:
         self._busy -= 1
         self._slot_freed.set()
 
-    def _start(self, job: RelayJob, queue: Queue, execution: Execution) -> None:
-        run = JobRun(job, self.settings, self.batcher, self.models, worker=self.worker.name)
+    def _start(
+        self, job: RelayJob, queue: Queue, execution: Execution, claim: Claim | None = None
+    ) -> None:
+        run = JobRun(
+            job, self.settings, self.batcher, self.models, worker=self.worker.name, claim=claim
+        )
         task = asyncio.create_task(self._execute(run, queue, execution), name=f"job-{job.id}")
         self.running[job.id] = _Running(task, run, execution)
 
@@ -199,14 +250,16 @@ class WorkerLoop:
             if entry.reason is None:
                 raise  # not the worker's doing: the loop itself is going away
         except StreamClosedError:  # ended elsewhere: a cancel
-            await asyncio.shield(self._sync(worker.finish_stopped, job, queue, execution))
+            await asyncio.shield(self._book(worker.finish_stopped, job, queue, execution))
         except WriterFencedError:  # the job runs in another worker too: that run is the job's
-            await asyncio.shield(self._sync(worker.drop, job, execution))
+            await asyncio.shield(self._book(worker.drop, job, execution))
+        except RedisUnavailableError:  # past the outage limit: left to a takeover
+            log.error("worker.job_left_to_takeover")
         except Exception as exc:
             failure = (type(exc), exc, exc.__traceback__)
-            await asyncio.shield(self._sync(worker.finish_failed, job, queue, execution, failure))
+            await asyncio.shield(self._book(worker.finish_failed, job, queue, execution, failure))
         else:
-            await asyncio.shield(self._sync(worker.finish_ok, job, queue, execution, result))
+            await asyncio.shield(self._book(worker.finish_ok, job, queue, execution, result))
         finally:
             if timer is not None:
                 timer.cancel()
@@ -216,10 +269,10 @@ class WorkerLoop:
     ) -> None:
         """RQ's record of a job the worker stopped, by why it stopped it."""
         job, worker = run.job, self.worker
-        if reason == "stopped":
-            await self._sync(worker.finish_stopped, job, queue, execution)
-        elif reason == "lost":
-            await self._sync(worker.drop, job, execution)
+        if reason in ("stopped", "closed"):
+            await self._book(worker.finish_stopped, job, queue, execution)
+        elif reason in ("lost", "fenced"):
+            await self._book(worker.drop, job, execution)
         else:
             assert run.stop is not None or reason is None
             error: BaseException = (
@@ -228,9 +281,9 @@ class WorkerLoop:
                 else WorkerShutdownError("the worker stopped while running the job")
             )
             failure = (type(error), error, None)
-            await self._sync(worker.finish_failed, job, queue, execution, failure)
+            await self._book(worker.finish_failed, job, queue, execution, failure)
 
-    def _stop(self, job_id: str, reason: str, entry: ErrorEntry) -> None:
+    def _stop(self, job_id: str, reason: str, entry: ErrorEntry | None) -> None:
         """Stop one running job, the stream to end with `entry` (on the loop's thread)."""
         running = self.running.get(job_id)
         if running is None or running.task.done() or running.reason is not None:
@@ -292,6 +345,9 @@ class WorkerLoop:
             known = [r.execution for r in self.running.values() if r.execution is not None]
             try:
                 gone = await self._sync(self.worker.tick, known, self._stats())
+            except REDIS_DOWN as exc:
+                self._redis_down(exc)
+                continue
             except Exception:
                 log.exception("worker.heartbeat_failed")
                 continue
@@ -327,9 +383,93 @@ class WorkerLoop:
         while True:
             try:
                 await self._sync(self.worker.clean_up)
+            except REDIS_DOWN as exc:
+                self._redis_down(exc)
             except Exception:
                 log.exception("worker.maintenance_failed")
             await asyncio.sleep(self.settings.maintenance_interval)
+
+    # Leases: renewing this worker's, taking over dead workers' jobs.
+
+    async def _renewals(self) -> None:
+        """Every third of the lease TTL: renew the lease of every job in flight; stop the
+        jobs whose stream has another writer (taken over) or has ended."""
+        while True:
+            await asyncio.sleep(self.leases.renew_every)
+            held = [
+                Held(job_id, r.run.stream.writer_token, r.run.stream.ttl)
+                for job_id, r in self.running.items()
+                if r.run.stream is not None and not r.task.done()
+            ]
+            try:
+                refused = await self.leases.renew(held)
+            except UNAVAILABLE as exc:
+                self._redis_down(exc)
+                continue
+            for job_id, error in refused.items():
+                reason = "fenced" if isinstance(error, WriterFencedError) else "closed"
+                log.warning("job.lease_refused", job_id=job_id, reason=str(error))
+                self._stop(job_id, reason, None)
+
+    async def _takeovers(self) -> None:
+        """Every second: take over jobs whose lease lapsed (their worker died), as many as
+        there are free slots and a few more, so a busy worker takes them over too."""
+        quiet = self.leases.ttl + self.leases.takeover_after
+        while True:
+            # After an outage every lease looks lapsed until its worker renews it: wait.
+            if not (
+                self._stopping.is_set() or self.outage.down or self.outage.recently_recovered(quiet)
+            ):
+                await self._take_over_lapsed()
+            await asyncio.sleep(SCAN_INTERVAL)
+
+    async def _take_over_lapsed(self) -> None:
+        room = max(self.concurrency - self._busy, 0) + TAKEOVER_EXTRA
+        try:
+            lapsed = await self.leases.lapsed(room)
+        except UNAVAILABLE as exc:
+            self._redis_down(exc)
+            return
+        for job_id in lapsed:
+            if job_id in self.running:
+                continue  # its own job, whose renewal is late: the next renewal mends it
+            self._busy += 1
+            takeover = asyncio.create_task(self._take_over(job_id), name=f"takeover-{job_id}")
+            self._admissions.add(takeover)
+            takeover.add_done_callback(self._admissions.discard)
+
+    async def _take_over(self, job_id: str) -> None:
+        """Claim a lapsed job and run its next attempt here."""
+        try:
+            claim = await self.leases.claim(job_id)
+            adopted = None if claim is None else await self._sync(self.worker.adopt, job_id)
+        except Exception:
+            log.exception("worker.takeover_failed", job_id=job_id)
+            self._release()
+            return
+        if claim is None:
+            self._release()
+        elif adopted is None:
+            await self._end_unadoptable(job_id, claim)
+            self._release()
+        else:
+            self._start(*adopted, claim=claim)
+
+    async def _end_unadoptable(self, job_id: str, claim: Claim) -> None:
+        """End the stream of a claimed job that RQ no longer has (or that is not ours to run)."""
+        stream = self.batcher.stream(
+            job_id,
+            ttl=self.settings.stream_ttl,
+            events_cap=self.settings.events_max_len,
+            claim=claim,
+        )
+        entry = ErrorEntry(
+            "JobLost", "the job's worker died and RQ no longer has the job", False, claim.attempt
+        )
+        try:
+            await stream.close(entry, queue=None, model=None, nonce=uuid.uuid4().hex)
+        except Exception:
+            log.exception("worker.takeover_failed", job_id=job_id)
 
 
 async def _within(awaitable: Any, seconds: float) -> bool:

@@ -9,7 +9,10 @@ import structlog
 from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.outputs import ChatGenerationChunk, GenerationChunk
 
+from tokenrelay.errors import BacklogError
 from tokenrelay.stream.batcher import BatchedStream
+from tokenrelay.worker.continuation import Seam
+from tokenrelay.worker.watchdog import Watchdog
 
 log = structlog.get_logger()
 
@@ -19,7 +22,10 @@ class TokenPublisher(AsyncCallbackHandler):
 
     Attach it to any LangChain runnable's callbacks, and what its chat model streams reaches
     the readers. A token costs a list append: the stream's batcher does the writing. Only
-    when Redis falls far behind does a token wait (`BatchedStream.backlogged`).
+    when Redis falls far behind does a token wait (`BatchedStream.backlogged`); if Redis is
+    away meanwhile, the attempt ends instead (BacklogError), to be continued once it is back.
+    Each token tells the attempt's `watchdog` that the model is alive, and a continuation's
+    first tokens pass through its `seam`, which drops a passage the model repeated.
 
     `raise_error` makes LangChain re-raise what this handler raises, so a token that cannot
     be written (the job was cancelled, another writer took over) stops the generation
@@ -29,10 +35,20 @@ class TokenPublisher(AsyncCallbackHandler):
     raise_error = True
     run_inline = True
 
-    def __init__(self, stream: BatchedStream, *, limit: int, started: float) -> None:
+    def __init__(
+        self,
+        stream: BatchedStream,
+        *,
+        limit: int,
+        started: float,
+        watchdog: Watchdog | None = None,
+        seam: Seam | None = None,
+    ) -> None:
         self.stream = stream
         self.limit = limit
         self.started = started
+        self.watchdog = watchdog
+        self.seam = seam
         self.over_limit = False
 
     async def on_llm_new_token(
@@ -50,14 +66,36 @@ class TokenPublisher(AsyncCallbackHandler):
             token = "".join(p if isinstance(p, str) else str(p.get("text", "")) for p in token)
         if not token:
             return
+        if self.watchdog is not None:
+            self.watchdog.alive()
+        if self.seam is None or self.seam.open:
+            self._publish(token)
+        else:
+            for part in self.seam.feed(token):
+                self._publish(part)
+        stream = self.stream
+        if stream.backlogged:
+            if stream.outage:
+                raise BacklogError(
+                    f"Redis is away and {stream.backlog:,} tokens are held back for it: "
+                    "the attempt ends here, to go on once Redis is back"
+                )
+            await stream.drain()
+
+    def flush(self) -> None:
+        """Publish what the seam still holds (the attempt is over)."""
+        if self.seam is not None:
+            for part in self.seam.flush():
+                self._publish(part)
+
+    def _publish(self, token: str) -> None:
         stream = self.stream
         if stream.tokens >= self.limit:
             self.over_limit = True
             return
+        first = stream.first_token_at is None
         stream.add(token)
-        if stream.tokens == 1 and stream.first_token_at is not None:
+        if first and stream.first_token_at is not None:
             log.info(
                 "job.first_token", ttft_ms=round((stream.first_token_at - self.started) * 1000, 3)
             )
-        if stream.backlogged:
-            await stream.drain()

@@ -10,12 +10,18 @@ Three things RQ's stock worker does for one job at a time are done here for many
 - heartbeats: every execution's, in one pipeline, which also notices jobs that were
   cancelled or failed elsewhere (`job.cancel()` does not tell the worker);
 - callbacks and clean-up run in threads, so their time limit is a thread timer, not SIGALRM.
+
+A job whose worker died is taken over through its lease (`worker.leases`), not failed as
+RQ's clean-up of abandoned jobs would: `adopt` moves RQ's record of it to this worker, and
+`clean_up` leaves a leased job's lapsed executions to the takeover.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -26,15 +32,17 @@ from redis import Redis
 from rq import Queue
 from rq.callbacks import execute_stopped_callback
 from rq.command import parse_payload
+from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
-from rq.utils import now
+from rq.utils import current_timestamp, now, parse_composite_key
 from rq.worker import BaseWorker, WorkerStatus
 
-from tokenrelay.errors import UnsafeJobError
+from tokenrelay.errors import RedisUnavailableError, UnsafeJobError
+from tokenrelay.outage import REDIS_DOWN, Outage, backoff
 from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
 from tokenrelay.stream.events import trim_events
@@ -121,6 +129,7 @@ class RelayWorker(BaseWorker):
         *,
         connection: Redis,
         settings: Settings,
+        outage: Outage,
         name: str | None = None,
     ) -> None:
         self._local = threading.local()  # before RQ's __init__, which sets _stopped_job_id
@@ -140,6 +149,8 @@ class RelayWorker(BaseWorker):
             maintenance_interval=settings.maintenance_interval,
         )
         self.relay_settings = settings
+        #: The process's record of Redis being away (shared with the worker loop).
+        self.outage = outage
         #: Where commands (stop a job, shut down) go: set by the worker loop.
         self.on_command: Callable[[dict[str, Any]], object] = lambda payload: None
 
@@ -159,6 +170,16 @@ class RelayWorker(BaseWorker):
 
     def request_stop_execution(self, execution_id: str) -> None:
         self.on_command({"command": "stop-execution", "execution_id": execution_id})
+
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
+        """The command listener lost Redis: note the outage (logged once), wait, listen again.
+        RQ's own handler retries only ConnectionError, and logs every two seconds."""
+        if not isinstance(exc, REDIS_DOWN):
+            log.warning("worker.commands_stopped", error=str(exc))
+            raise exc
+        with contextlib.suppress(RedisUnavailableError):  # commands wait however long it takes
+            self.outage.failed(exc)
+        time.sleep(backoff(3))
 
     def kill_horse(self, sig: int = 0) -> None:
         """There are no work horses to kill: the job tasks are stopped through `on_command`."""
@@ -201,6 +222,39 @@ class RelayWorker(BaseWorker):
         execution = self.prepare_execution(job)
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
         return execution
+
+    def adopt(self, job_id: str) -> tuple[RelayJob, Queue, Execution] | None:
+        """Take over RQ's record of a running job whose worker died (its lease was claimed):
+        the dead worker's executions go, this worker's begins. None if RQ no longer has the
+        job, or it is not one a tokenrelay worker runs."""
+        try:
+            job = RelayJob.fetch(job_id, connection=self.connection, serializer=self.serializer)
+            assert isinstance(job, RelayJob)
+            job.check_runnable()
+        except NoSuchJobError:
+            return None
+        except Exception:
+            log.warning("job.refused", job_id=job_id, exc_info=True)
+            return None
+        queue = Queue(
+            job.origin, connection=self.connection, serializer=self.serializer, job_class=RelayJob
+        )
+        self._forget_executions(job)
+        execution = self.prepare_execution(job)
+        self.prepare_job_execution(job)
+        return job, queue, execution
+
+    def _forget_executions(self, job: Job) -> None:
+        """Remove every execution of the job from RQ's registries: once their heartbeats
+        lapsed, RQ's clean-up would fail the job its new worker now runs."""
+        registry = job.started_job_registry
+        members = list(self.connection.zscan_iter(registry.key, match=f"{job.id}:*"))
+        with self.connection.pipeline() as pipe:
+            for member, _ in members:
+                composite = member.decode() if isinstance(member, bytes) else str(member)
+                _, execution_id = parse_composite_key(composite)
+                Execution(execution_id, job.id, self.connection).delete(job, pipe)
+            pipe.execute()
 
     # Finishing jobs (each re-checks the status: a job cancelled or failed elsewhere meanwhile
     # is left as it is, and only its execution is removed).
@@ -283,9 +337,25 @@ class RelayWorker(BaseWorker):
             registry = StartedJobRegistry(
                 queue=queue, job_class=RelayJob, death_penalty_class=ThreadTimerDeathPenalty
             )
+            self._spare_leased(registry)
             registry.cleanup(exception_handlers=self._exc_handlers)
         self.clean_registries()
         trim_events(self.connection)
+
+    def _spare_leased(self, registry: StartedJobRegistry) -> None:
+        """Drop the lapsed executions of jobs that hold a lease from the registry, so that RQ's
+        clean-up does not fail them: a leased job is taken over, not abandoned."""
+        lapsed: list[bytes] = self.connection.zrangebyscore(registry.key, 0, current_timestamp())  # type: ignore[assignment]  # bytes replies
+        if not lapsed:
+            return
+        with self.connection.pipeline() as pipe:
+            for member in lapsed:
+                pipe.zscore(keys.LEASES, registry.parse_job_id(member.decode()))
+            leased = pipe.execute()
+        spared = [m for m, score in zip(lapsed, leased, strict=True) if score is not None]
+        if spared:
+            self.connection.zrem(registry.key, *spared)
+            log.info("worker.leased_jobs_spared", jobs=len(spared))
 
     def clean_registries(self) -> None:
         """RQ's own maintenance of its other registries."""

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import structlog
 
 from tokenrelay.connection import client_for
+from tokenrelay.outage import Outage
 from tokenrelay.settings import Settings
 from tokenrelay.worker.loop import WorkerLoop
 from tokenrelay.worker.rq_worker import RelayWorker
@@ -25,7 +26,11 @@ def run_worker(
 ) -> None:
     """Work on the queues until stopped (or, with `burst`, until they are empty)."""
     worker = RelayWorker(
-        queues or [settings.queue], connection=client_for(settings), settings=settings, name=name
+        queues or [settings.queue],
+        connection=client_for(settings),
+        settings=settings,
+        outage=Outage(settings.redis_outage_limit, who="worker"),
+        name=name,
     )
     slots = concurrency or settings.worker_concurrency
     log.info("worker.starting", worker=worker.name, queues=worker.queue_names(), concurrency=slots)
