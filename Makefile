@@ -33,6 +33,7 @@ unit: $(STAMP)
 bench: $(STAMP)  ## the benchmarks under bench/ (results: bench/RESULTS.md)
 	$(BIN)/python -m bench.worker_bench
 	$(BIN)/python -m bench.local_model
+	$(BIN)/python -m bench.recovery
 
 install: $(STAMP)
 

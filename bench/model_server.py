@@ -3,8 +3,10 @@
 `python -m bench.model_server PORT` serves POST /v1/chat/completions (streamed or not) on
 127.0.0.1 with HTTP/1.1 keep-alive, on one asyncio loop, so that thousands of paced streams
 cost it little and the benchmark measures tokenrelay, not the fake model. The model name says
-what to send: `tok{COUNT}-{RATE}` streams COUNT tokens at RATE tokens/s (0: as fast as it can).
-Each token is ` {seq}@{unix time it was sent}`, so a reader can tell how long it took to come.
+what to send: `tok{COUNT}-{RATE}` streams COUNT tokens at RATE tokens/s (0: as fast as it can);
+`tok{COUNT}-{RATE}-stall{K}` stops after K tokens and keeps the connection open, silent (a
+stalled model), for the first request that names it (the next ones answer in full). Each
+token is ` {seq}@{unix time it was sent}`, so a reader can tell how long it took to come.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import sys
 import time
 from typing import Any
 
-_MODEL = re.compile(r"tok(\d+)-(\d+(?:\.\d+)?)")
+_MODEL = re.compile(r"tok(\d+)-(\d+(?:\.\d+)?)(?:-stall(\d+))?")
+_STALLED: set[str] = set()  # the models whose one stall has happened
 _LENGTH = re.compile(rb"(?i)content-length:\s*(\d+)")
 _CREATED = 1_700_000_000
 
@@ -42,6 +45,7 @@ async def _answer(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
     model = str(body.get("model"))
     match = _MODEL.fullmatch(model)
     count, rate = (int(match[1]), float(match[2])) if match else (10, 0.0)
+    stall_at = int(match[3]) if match and match[3] and model not in _STALLED else None
     limit = body.get("max_tokens") or body.get("max_completion_tokens")
     count = min(count, int(limit)) if isinstance(limit, int) else count
     if not body.get("stream"):
@@ -69,6 +73,10 @@ async def _answer(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
     writer.write(_chunk(model, {"role": "assistant", "content": ""}, None))
     started = time.monotonic()
     for seq in range(count):
+        if seq == stall_at:
+            _STALLED.add(model)
+            await writer.drain()
+            await asyncio.Event().wait()  # silent until the client gives up and hangs up
         if rate:
             wait = started + seq / rate - time.monotonic()
             if wait > 0:

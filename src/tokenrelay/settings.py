@@ -165,6 +165,7 @@ class Settings:
     maintenance_interval: int = _env("TOKENRELAY_MAINTENANCE_INTERVAL", 60, _positive_int)
     loop_lag_limit: float = _env("TOKENRELAY_LOOP_LAG_LIMIT", 0.25, _positive_float)
     tokens_per_entry: int = _env("TOKENRELAY_TOKENS_PER_ENTRY", 0, _non_negative_int)
+    max_held_tokens: int = _env("TOKENRELAY_MAX_HELD_TOKENS", 10_000, _positive_int)
     lease_ttl: float = _env("TOKENRELAY_LEASE_TTL", 10.0, _positive_float)
     takeover_after: float = _env("TOKENRELAY_TAKEOVER_AFTER", 5.0, _non_negative_float)
     max_attempts: int = _env("TOKENRELAY_MAX_ATTEMPTS", 5, _positive_int)

@@ -1,4 +1,5 @@
-"""Worker processes started by tests, with their logs, stopped (SIGKILL) at the end."""
+"""Worker (and other `tokenrelay`) processes started by tests, with their logs and output,
+stopped (SIGKILL) at the end."""
 
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ from typing import Any
 
 @dataclass
 class WorkerProcess:
-    """A `tokenrelay worker` child process and its log."""
+    """A `tokenrelay` child process (a worker, or another command), its log and its output."""
 
     process: subprocess.Popen[bytes]
     log_path: Path
+    out_path: Path | None = None
+
+    def output(self) -> str:
+        """What it printed to stdout so far (a command started with its own stdout)."""
+        assert self.out_path is not None, "this process writes stdout into its log"
+        return self.out_path.read_text(encoding="utf-8")
 
     def logs(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far."""
@@ -60,6 +67,20 @@ class Workers:
         worker = WorkerProcess(process, log_path)
         self.started.append(worker)
         return worker
+
+    def command(self, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        """Start `tokenrelay ARGS...` (a viewer, a consumer), its stdout apart from its log."""
+        index = len(self.started)
+        log_path = self.directory / f"{args[0]}-{index}.log"
+        out_path = self.directory / f"{args[0]}-{index}.out"
+        command = [sys.executable, "-m", "tokenrelay", *args]
+        with log_path.open("wb") as log, out_path.open("wb") as out:
+            process = subprocess.Popen(
+                command, env={**self.env, **(env or {})}, stdout=out, stderr=log
+            )
+        started = WorkerProcess(process, log_path, out_path)
+        self.started.append(started)
+        return started
 
     def run_burst(
         self, *args: str, timeout: float = 60, env: dict[str, str] | None = None

@@ -11,10 +11,11 @@ entries land in order.
 A pipeline whose connection broke has an unknown outcome for each of its entries; each is
 sent again exactly as it was (the append script recognises the writer's own retried `seq`),
 before anything newer of its stream. While Redis is away (an outage, a failover), tokens wait
-in memory, up to `MAX_PENDING` a stream (`BatchedStream.backlogged`: the generation then
-waits for its writes, or, during an outage, ends its attempt to continue it later), and are
-written in order when it comes back. Past the outage limit (TOKENRELAY_REDIS_OUTAGE_LIMIT),
-the streams still waiting are refused with RedisUnavailableError, so nothing waits forever.
+in memory, up to `max_pending` a stream (TOKENRELAY_MAX_HELD_TOKENS; past it,
+`BatchedStream.backlogged`: the generation waits for its writes, or, during an outage, ends
+its attempt to continue it later), and are written in order when it comes back. Past the
+outage limit (TOKENRELAY_REDIS_OUTAGE_LIMIT), the streams still waiting are refused with
+RedisUnavailableError, so nothing waits forever.
 """
 
 from __future__ import annotations
@@ -44,9 +45,6 @@ from tokenrelay.stream.protocol import (
 from tokenrelay.stream.writer import new_writer_token, terminal_event
 
 log = structlog.get_logger()
-
-#: Tokens a stream may hold unwritten before its job waits for the writes.
-MAX_PENDING = 10_000
 
 #: The most streams one pipeline carries.
 MAX_STREAMS_PER_FLUSH = 1_000
@@ -97,7 +95,7 @@ class BatchedStream:
     @property
     def backlogged(self) -> bool:
         """Whether the job should wait for its tokens to be written before adding more."""
-        return len(self._pending) >= MAX_PENDING
+        return len(self._pending) >= self._batcher.max_pending
 
     @property
     def backlog(self) -> int:
@@ -254,11 +252,17 @@ class StreamBatcher:
     """
 
     def __init__(
-        self, client: aioredis.Redis, *, outage: Outage, tokens_per_entry: int = 0
+        self,
+        client: aioredis.Redis,
+        *,
+        outage: Outage,
+        tokens_per_entry: int = 0,
+        max_pending: int = 10_000,
     ) -> None:
         self.client = client
         self.outage = outage
         self.tokens_per_entry = tokens_per_entry  # 0: as many as came
+        self.max_pending = max_pending  # tokens a stream may hold unwritten
         self.flushes = 0  # pipelines sent
         self.entries = 0  # token entries written
         self._waiting: dict[BatchedStream, None] = {}  # an ordered set

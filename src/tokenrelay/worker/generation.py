@@ -213,8 +213,8 @@ async def _take_over(run: JobRun, stream: BatchedStream, usage: Usage) -> tuple[
     log.info("job.resumed", attempt=claim.attempt, from_seq=claim.next_seq)
     if claim.attempt > run.settings.max_attempts:
         raise WorkerLostError(
-            f"the worker running the job stopped answering, {claim.attempt - 1} attempts in; "
-            f"TOKENRELAY_MAX_ATTEMPTS is {run.settings.max_attempts}"
+            f"the worker running the job stopped answering, and no attempt is left: "
+            f"{claim.attempt - 1} of TOKENRELAY_MAX_ATTEMPTS={run.settings.max_attempts} were made"
         )
     policy = Policy(run.settings.retry_policy)
     from_seq = claim.next_seq if policy == Policy.CONTINUE else 0

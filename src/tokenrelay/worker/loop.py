@@ -114,7 +114,10 @@ class WorkerLoop:
         self.redis = async_client_for(self.settings)
         self.intake = Intake(self.redis, self.worker.queues, burst=self.burst)
         self.batcher = StreamBatcher(
-            self.redis, outage=self.outage, tokens_per_entry=self.settings.tokens_per_entry
+            self.redis,
+            outage=self.outage,
+            tokens_per_entry=self.settings.tokens_per_entry,
+            max_pending=self.settings.max_held_tokens,
         )
         self.leases = Leases(
             self.redis,

@@ -1,8 +1,9 @@
 """The time limits of one attempt: to its first token, and between two tokens.
 
 One timer per attempt, not one per token: a token only records the time it came
-(`Watchdog.alive`, a float assignment), and when the timer fires it looks whether a token
-came since and, if so, sets itself again for the new deadline. Past a deadline it cancels
+(`Watchdog.alive`, a float assignment; the first one also moves the timer from the
+first-token deadline to the stall deadline), and when the timer fires it looks whether a
+token came since and, if so, sets itself again for the new deadline. Past a deadline it cancels
 the attempt's task; `expired` then turns that cancellation into the attempt's typed,
 retryable error (FirstTokenTimeoutError, StallTimeoutError), as `asyncio.timeout` does
 for its own.
@@ -31,8 +32,11 @@ class Watchdog:
 
     def alive(self) -> None:
         """A token came."""
-        self.tokens += 1
         self.last = self._loop.time()
+        if not self.tokens and self._timer is not None:  # from now on, the stall timeout
+            self._timer.cancel()
+            self._timer = self._loop.call_at(self.last + self.stall, self._check)
+        self.tokens += 1
 
     async def __aenter__(self) -> Watchdog:
         self._task = asyncio.current_task()
