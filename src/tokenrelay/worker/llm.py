@@ -67,6 +67,9 @@ class ChatModels:
             timeout=settings.llm_timeout or None,
             max_retries=settings.llm_max_retries,
             http_async_client=self.http,
+            # The worker's watchdog bounds the wait between tokens with one timer per attempt;
+            # LangChain's own per-chunk timeout wraps every chunk in a task (asyncio.wait_for).
+            stream_chunk_timeout=None,
         )
 
     async def aclose(self) -> None:

@@ -8,14 +8,25 @@ keeps only the text, so a generation costs its text and no more.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManager, BaseCallbackHandler
+from langchain_core.callbacks import (
+    AsyncCallbackHandler,
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    BaseCallbackHandler,
+)
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
+
+#: The longest a stream reads chunks without letting the loop run other tasks, in seconds. A
+#: fast model's chunks arrive buffered, and reading a buffered chunk never waits: one busy
+#: stream would otherwise hold the loop until its buffer ran dry.
+TURN = 0.002
 
 #: Text pieces are joined into one string every this many, so that an answer costs its text
 #: and not a Python object per token.
@@ -67,11 +78,17 @@ async def stream_chat(
         llm._serialized, [list(messages)], invocation_params=params, batch_size=1
     )
     answer, result = StreamedAnswer(), LLMResult(generations=[[]])
+    new_token = _token_event(run)
+    loop = asyncio.get_running_loop()
+    turn_ends = loop.time() + TURN
     chunks: Any = llm._astream(list(messages))  # an async generator: closing it ends the request
     try:
         async for chunk in chunks:
+            if loop.time() >= turn_ends:  # let the other generations and the writer run
+                await asyncio.sleep(0)
+                turn_ends = loop.time() + TURN
             message: Any = chunk.message
-            await run.on_llm_new_token(message.content, chunk=chunk)
+            await new_token(message.content, chunk=chunk)
             # `astream()` merges generation_info into the message's metadata; _astream does not.
             info = chunk.generation_info or message.response_metadata
             reason = info.get("finish_reason")
@@ -90,3 +107,27 @@ async def stream_chat(
     result.generations[0].append(ChatGeneration(message=answer.message()))
     await run.on_llm_end(result)
     return answer
+
+
+def _token_event(run: AsyncCallbackManagerForLLMRun) -> Callable[..., Awaitable[None]]:
+    """How each token reaches the run's handlers.
+
+    When every handler is an async one that LangChain would await in place and let raise
+    (`run_inline`, `raise_error`: the token publisher), they are called directly: LangChain's
+    dispatch adds an `asyncio.gather` of nothing per token. Any other handler (a tracer, a
+    sync one) gets the run's own dispatch, exactly as `astream` gives it.
+    """
+    handlers = [h for h in run.handlers if not h.ignore_llm]
+    if not all(
+        isinstance(h, AsyncCallbackHandler) and h.run_inline and h.raise_error for h in handlers
+    ):
+        return run.on_llm_new_token
+    run_id, parent, tags = run.run_id, run.parent_run_id, run.tags
+
+    async def direct(token: str, *, chunk: Any) -> None:
+        for handler in handlers:
+            await handler.on_llm_new_token(
+                token, chunk=chunk, run_id=run_id, parent_run_id=parent, tags=tags
+            )
+
+    return direct
