@@ -14,6 +14,7 @@ TokenRelayError
 ├── ProtocolError           a stream broke the protocol (a gap in the tokens, an unknown kind)
 ├── UnsafeJobError          a job payload names a callable other than tokenrelay's generation
 ├── StreamClosedError       the stream already has its terminal entry (cancelled, reaped)
+│   └── StreamLostError         the stream (or its state) vanished under its writer
 ├── WorkerShutdownError     the worker was shut down while it ran the job (RQ's failure record)
 ├── WriterFencedError       another writer owns the stream; this one may not write to it
 ├── WorkerLostError         the workers running a job kept dying; its attempts ran out
@@ -105,6 +106,11 @@ class UnsafeJobError(TokenRelayError):
 
 class StreamClosedError(TokenRelayError):
     """The stream already has its terminal entry, so nothing more may be written to it."""
+
+
+class StreamLostError(StreamClosedError):
+    """The stream, or its state, vanished under its writer (expired, deleted, or lost with a
+    Redis that came back without its data)."""
 
 
 class WorkerShutdownError(TokenRelayError):

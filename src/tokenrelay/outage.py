@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenrelay.errors import RedisUnavailableError
@@ -34,6 +34,27 @@ REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutErr
 
 #: The same, or an outage past its limit.
 UNAVAILABLE: tuple[type[Exception], ...] = (*REDIS_DOWN, RedisUnavailableError)
+
+#: Error replies of a Redis that cannot serve for now (busy with a script, a replica without
+#: its primary, a cluster slot moving), which redis-py raises as plain ResponseErrors.
+_TRANSIENT_REPLIES = ("BUSY ", "MASTERDOWN ", "TRYAGAIN ", "CLUSTERDOWN ", "NOREPLICAS ")
+
+
+def is_down(exc: BaseException) -> bool:
+    """Whether `exc` (raised, or a pipeline's error reply) says Redis is away for now."""
+    if isinstance(exc, REDIS_DOWN):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
+
+
+def down_reply(replies: list[object]) -> Exception | None:
+    """A pipeline's first error reply that says Redis is away for now, as a ConnectionError
+    (so that it is handled as an outage, and its commands sent again); None if there is none."""
+    for reply in replies:
+        if isinstance(reply, Exception) and is_down(reply):
+            return RedisConnectionError(f"Redis cannot serve for now: {reply}")
+    return None
+
 
 #: The first wait between tries, and the longest, in seconds.
 FIRST_DELAY = 0.1
@@ -101,7 +122,9 @@ def retry(outage: Outage, call: Callable[[], T], *, stop: threading.Event | None
     while True:
         try:
             result = call()
-        except REDIS_DOWN as exc:
+        except Exception as exc:
+            if not is_down(exc):
+                raise
             outage.failed(exc)
             if stop is not None and stop.is_set():
                 raise
@@ -122,7 +145,9 @@ async def aretry(outage: Outage, call: Callable[[], Awaitable[T]]) -> T:
     while True:
         try:
             result = await call()
-        except REDIS_DOWN as exc:
+        except Exception as exc:
+            if not is_down(exc):
+                raise
             outage.failed(exc)
             await asyncio.sleep(backoff(tries))
             tries += 1

@@ -151,7 +151,7 @@ def test_watch_resumes_after_an_entry_id(
 ) -> None:
     """`watch --from ENTRY_ID` prints only what came after that entry."""
     handle = relay.submit("hi", model=llm.script(["one ", "two ", "three"]))
-    workers.run_burst()
+    workers.run_burst(env={"TOKENRELAY_TOKENS_PER_ENTRY": "1"})  # an entry per token
     first_token = next(r for r in handle.records(timeout=5) if isinstance(r.entry, TokenEntry))
     done = cli(env, "watch", handle.job_id, "--from", first_token.id)
     assert (done.returncode, done.stdout) == (0, "two three\n")

@@ -16,7 +16,7 @@ from support.streams import rq_status, terminal_entries, tokens_in, wait_for_tok
 from support.waiting import wait_until
 from support.workers import WorkerProcess, Workers
 
-from tokenrelay import EndEntry, JobHandle, JobState, Relay, TokenEntry
+from tokenrelay import EndEntry, ErrorEntry, JobHandle, JobState, Relay, StartEntry, TokenEntry
 from tokenrelay.stream.keys import LEASES
 from tokenrelay.stream.protocol import AttemptEntry, Entry, State, StatusEntry
 
@@ -182,3 +182,87 @@ def test_with_default_settings_a_dead_workers_job_goes_on_within_30_seconds(
     recovered = time.monotonic() - killed
     assert recovered < 30, f"{recovered:.1f} s from the kill to the next token"
     assert_whole(redis_client, handle, "".join(words))
+
+
+def test_a_paused_worker_whose_job_timed_out_meanwhile_leaves_the_takers_run_alone(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """Its overdue timeout fires when it resumes: it ends nothing, RQ's record is the taker's."""
+    words = WORDS[:30]
+    handle = relay.submit("tell me", model=llm.script(words, token_delay=0.05), timeout=5)
+    paused = workers.start(env=FAST_LEASES)
+    wait_for_tokens(handle, 5)
+    paused.signal(signal.SIGSTOP)
+    paused_at = time.monotonic()
+    try:
+        workers.start(env=FAST_LEASES)
+        assert_whole(redis_client, handle, "".join(words))
+        wait_until(lambda: time.monotonic() - paused_at > 5.5, what="the paused run's timeout")
+    finally:
+        paused.signal(signal.SIGCONT)
+    wait_until(
+        lambda: any(line["event"] == "job.taken_over_elsewhere" for line in paused.logs()),
+        what="the resumed worker finds the job is another's",
+    )
+    assert [type(e) for e in terminal_entries(redis_client, handle.job_id)] == [EndEntry]
+    assert rq_status(redis_client, handle.job_id) == "finished"
+
+
+def test_a_job_cancelled_through_rq_while_its_worker_was_dead_is_ended_not_run(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """`job.cancel()` with no live worker: the next one ends the stream as cancelled."""
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    handle = relay.submit("tell me", model=llm.script(WORDS, token_delay=0.05))
+    doomed = workers.start(env=FAST_LEASES)
+    wait_for_tokens(handle, 5)
+    kill(doomed)
+    Job.fetch(handle.job_id, connection=redis_client, serializer=JSONSerializer).cancel()
+    workers.start(env=FAST_LEASES)
+    *_, last = handle.records(timeout=30)
+    assert isinstance(last.entry, ErrorEntry)
+    assert last.entry.error_type == "cancelled"
+    assert not any(isinstance(r.entry, AttemptEntry) for r in handle.records(timeout=5))
+
+
+def test_a_job_rqs_clean_up_failed_while_its_lease_said_otherwise_is_taken_over(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """RQ's own clean-up (what `rq info` runs) found the dead worker's job abandoned before
+    any worker took it over: the takeover still continues it, and RQ ends up agreeing."""
+    from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+    handle = relay.submit("tell me", model=llm.script(WORDS, token_delay=0.05))
+    doomed = workers.start(env=FAST_LEASES)
+    wait_for_tokens(handle, 5)
+    kill(doomed)
+    started = StartedJobRegistry("tokenrelay", connection=redis_client)
+    for member in redis_client.zrange(started.key, 0, -1):  # its heartbeat lapsed long ago
+        redis_client.zadd(started.key, {member: 1})
+    started.cleanup()
+    assert rq_status(redis_client, handle.job_id) == "failed"
+
+    workers.start(env=FAST_LEASES)
+    assert_whole(redis_client, handle)
+    wait_until(lambda: rq_status(redis_client, handle.job_id) == "finished", what="RQ agrees")
+    failed = FailedJobRegistry("tokenrelay", connection=redis_client)
+    assert handle.job_id not in failed.get_job_ids()
+
+
+def test_a_job_taken_over_keeps_its_own_timeout_not_a_fresh_one(
+    relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """The job's timeout counts from its first attempt: the taker ends it on time."""
+    handle = relay.submit("tell me", model=llm.script(WORDS, token_delay=0.2), timeout=4)
+    doomed = workers.start(env=FAST_LEASES)
+    wait_for_tokens(handle, 2)
+    kill(doomed)
+    workers.start(env=FAST_LEASES)
+    *_, last = handle.records(timeout=30)
+    assert isinstance(last.entry, ErrorEntry)
+    assert last.entry.error_type == "JobTimeoutException"
+    [start] = [r for r in handle.records(timeout=5) if isinstance(r.entry, StartEntry)]
+    ran_ms = int(last.id.split("-")[0]) - int(start.id.split("-")[0])
+    assert 4_000 <= ran_ms < 6_000

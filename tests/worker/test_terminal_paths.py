@@ -31,7 +31,8 @@ from tokenrelay import (
 )
 from tokenrelay.outage import Outage
 from tokenrelay.stream.protocol import parse_event
-from tokenrelay.worker.rq_worker import RelayJob, RelayWorker
+from tokenrelay.worker.rq_job import RelayJob
+from tokenrelay.worker.rq_worker import RelayWorker
 
 WORDS = [f" w{i}" for i in range(20)]
 #: The neighbours' text: long enough, and paced, to be streaming while the fault happens.

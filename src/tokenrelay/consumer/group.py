@@ -35,11 +35,12 @@ from typing import Any
 import structlog
 from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, WatchError
 
 from tokenrelay.consumer.dead_letter import dead_letter
 from tokenrelay.errors import ProtocolError
-from tokenrelay.outage import REDIS_DOWN, Outage, backoff
+from tokenrelay.outage import Outage, backoff, is_down
 from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
 from tokenrelay.stream.events import count_trimmed_unread, trim_events
@@ -105,6 +106,7 @@ class GroupConsumer:
         self.consumer = consumer or default_consumer_name()
         self.outage = Outage(outage_limit, who=f"consumer {group}/{self.consumer}")
         self.stats_key = keys.consumer_stats(group)
+        self.fence = keys.commit_fence(group)
         self.max_deliveries = max_deliveries
         self.retry_delay = retry_delay
         self._claim_after_ms = int(claim_after * 1000)
@@ -136,13 +138,13 @@ class GroupConsumer:
                     log.info("consumer.started", group=self.group, consumer=self.consumer)
                     started = True
                 self._step(handler)
-            except REDIS_DOWN as exc:
-                self.outage.failed(exc)
-                stop.wait(backoff(tries))
-                tries += 1
-                continue
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+            except Exception as exc:
+                if is_down(exc):
+                    self.outage.failed(exc)
+                    stop.wait(backoff(tries))
+                    tries += 1
+                    continue
+                if not (isinstance(exc, ResponseError) and "NOGROUP" in str(exc)):
                     raise
                 self._regroup()
             self.outage.ok()
@@ -312,17 +314,32 @@ class GroupConsumer:
             dead_letter(self.client, self.group, entry_id, fields, deliveries=1, error=str(exc))
             return
         with self.client.pipeline(transaction=True) as pipe:
+            # Watched, a transaction whose connection breaks raises WatchError instead of being
+            # sent again by redis-py: its writes may have been applied, and must not be twice.
+            pipe.watch(self.fence)  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            pipe.multi()
             try:
                 handler(Delivery(delivery_id, event), pipe)
-            except REDIS_DOWN:  # an outage, not the event's fault: it is handled again after
-                raise
-            except Exception as exc:  # a failed event waits for its retry; the rest go on
-                self._failed(entry_id, exc)
+            except Exception as exc:
+                if is_down(exc):  # an outage, not the event's fault: it is handled again after
+                    raise
+                self._failed(entry_id, exc)  # a failed event waits for its retry; the rest go on
                 return
             pipe.hincrby(self.stats_key, Stat.EVENTS_HANDLED, 1)
             pipe.xack(keys.EVENTS_STREAM, self.group, entry_id)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except WatchError:
+                if self._still_pending(entry_id):  # it did not commit: handle it again
+                    raise RedisConnectionError(f"the commit of event {delivery_id} broke") from None
         self._errors.pop(entry_id, None)
+
+    def _still_pending(self, entry_id: bytes) -> bool:
+        """Whether this member still holds the event unacknowledged."""
+        pending = self.client.xpending_range(
+            keys.EVENTS_STREAM, self.group, min=entry_id, max=entry_id, count=1
+        )
+        return bool(pending)
 
     def _failed(self, entry_id: bytes, exc: Exception) -> None:
         """Remember a handler failure; the event is tried again after a growing delay."""

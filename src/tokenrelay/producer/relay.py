@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -182,10 +183,13 @@ class Relay:
         The transaction WATCHes every key of the jobs' ids and their idempotency records: if
         another submitter takes one between the check and the commit, nothing is queued and
         the check runs again. The requests whose key another submitter recorded meanwhile
-        are not queued: returned (by position) with the recorded job ids.
+        are not queued: returned (by position) with the recorded job ids. Each job carries
+        this call's nonce in its RQ metadata, so that a commit whose reply was lost (redis-py
+        reports it as a changed key) is recognised as this call's own, not another's.
         """
         if not requests:
             return {}
+        nonce = uuid.uuid4().hex
         with self.redis.pipeline() as pipe:
             while True:
                 watched = [key for job_id in ids for key in _id_keys(job_id)]
@@ -205,7 +209,7 @@ class Relay:
                     return raced
                 pipe.multi()
                 self.queue.enqueue_many(
-                    [self._job_data(requests[i], ids[i]) for i in fresh], pipeline=pipe
+                    [self._job_data(requests[i], ids[i], nonce) for i in fresh], pipeline=pipe
                 )
                 now = time.time()
                 for i in fresh:
@@ -221,7 +225,19 @@ class Relay:
                     pipe.execute()
                     return raced
                 except WatchError:
+                    if self._committed(ids[fresh[0]], nonce):  # only the reply was lost
+                        return raced
                     continue  # a watched id or key changed hands: check again
+
+    def _committed(self, job_id: str, nonce: str) -> bool:
+        """Whether the job under `job_id` was queued by the call with `nonce` (the transaction
+        queues all its jobs or none, so one tells for all)."""
+        raw = self.redis.hget(Queue.job_class.key_for(job_id), "meta")
+        try:
+            meta = json.loads(raw) if raw else {}
+        except ValueError:
+            return False
+        return isinstance(meta, dict) and meta.get(keys.SUBMIT_NONCE) == nonce
 
     @staticmethod
     def _refuse_taken(client: Redis, ids: Sequence[str]) -> None:
@@ -238,7 +254,7 @@ class Relay:
         shown = taken if len(taken) <= 40 else f"{taken[:37]}..."
         raise InvalidRequestError(f"job id {shown!r} is already in use")
 
-    def _job_data(self, request: GenerationRequest, job_id: str) -> EnqueueData:
+    def _job_data(self, request: GenerationRequest, job_id: str, nonce: str) -> EnqueueData:
         payload = {**request.to_payload(), STREAM_TTL_FIELD: self.settings.stream_ttl}
         return Queue.prepare_data(
             keys.GENERATE_FUNC,
@@ -251,6 +267,7 @@ class Relay:
             description=f"generation of {request.prompt_chars} prompt characters",
             on_failure=Callback(keys.ON_FAILURE_CALLBACK),
             on_stopped=Callback(keys.ON_STOPPED_CALLBACK),
+            meta={keys.SUBMIT_NONCE: nonce},
         )
 
 

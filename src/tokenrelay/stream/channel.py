@@ -22,7 +22,7 @@ from redis.exceptions import AuthenticationError, MaxConnectionsError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenrelay.errors import StreamTimeoutError
-from tokenrelay.outage import REDIS_DOWN, Outage, backoff
+from tokenrelay.outage import Outage, backoff, is_down
 
 #: How much longer than the server's block a reply may take before Redis counts as silent.
 REPLY_GRACE = 5.0
@@ -88,7 +88,9 @@ class Channel:
                 reply = self._send(args, block)
             except _NOT_AN_OUTAGE:
                 raise
-            except REDIS_DOWN as exc:
+            except Exception as exc:
+                if not is_down(exc):
+                    raise
                 self._drop()
                 self.remaining()  # a failure at the deadline is the deadline's
                 self.outage.failed(exc)  # RedisUnavailableError past the outage limit

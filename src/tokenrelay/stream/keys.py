@@ -56,10 +56,12 @@ class StateField(StrEnum):
     START = "start"  # the entry id of the `start` entry
     END = "end"  # the entry id of the terminal entry, once written
     CLOSED_BY = "closed_by"  # the nonce of the call that wrote the terminal entry
+    STARTED_AT = "started_at"  # when the first attempt began (Unix seconds), from `start`
     ATTEMPT = "attempt"  # the number of the attempt now writing, from 1
     ATTEMPT_FROM = "attempt_from"  # the `seq` at which that attempt's tokens begin
-    PROMPT_TOKENS = "prompt_tokens"  # usage of the attempts that ended, as far as known
-    COMPLETION_TOKENS = "completion_tokens"
+    ATTEMPT_ENTRY = "attempt_entry"  # the number of the last attempt whose entry is written
+    STATUS_NONCE = "status_nonce"  # the nonce of the last `status` entry written
+    COMPLETION_TOKENS = "completion_tokens"  # tokens streamed by the attempts that ended
     MAXLEN = "maxlen"  # the stream's length cap (entries), if it has one
 
 
@@ -69,9 +71,18 @@ class StateField(StrEnum):
 LEASES = f"{PREFIX}:leases"
 
 
+#: The field of a job's RQ metadata that holds the nonce of the submit that queued it.
+SUBMIT_NONCE = "tokenrelay_submit"
+
+
 def idempotency(key: str) -> str:
     """The key that maps a producer's idempotency key to the job it submitted."""
     return f"{PREFIX}:idempotency:{key}"
+
+
+def cleanup_lock(queue: str) -> str:
+    """The lock one worker at a time holds while it cleans up a queue's started registry."""
+    return f"rq:tokenrelay:cleanup:{queue}"
 
 
 def worker_stats(worker: str) -> str:
@@ -97,6 +108,12 @@ METRICS_GROUP = "metrics"
 def consumer_stats(group: str) -> str:
     """The hash of a consumer group's own counters (the fields of `Stat`)."""
     return f"{PREFIX}:consumer:{group}"
+
+
+def commit_fence(group: str) -> str:
+    """A key a group's members WATCH and never write: watching, redis-py reports a commit
+    whose reply was lost instead of sending it again (see `consumer.group`)."""
+    return f"{PREFIX}:consumer:{group}:fence"
 
 
 class Stat(StrEnum):

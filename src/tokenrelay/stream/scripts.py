@@ -18,14 +18,14 @@ who may write and what must come next:
   the same step, so each job gets exactly one, and drops the lease. The generation closes
   with its writer token (fenced); a cancel or a clean-up closes without one. A retry with
   the same nonce returns the entry it wrote.
-- RENEW moves a lease's deadline on, for its writer only; LAPSED lists the leases that ran
-  out; CLAIM takes over a job whose lease ran out: a new writer token replaces the old one,
-  so the worker presumed dead can no longer write, in the same step as the check.
+- The lease scripts (RENEW, LAPSED, CLAIM) are in `stream.lease_scripts`.
 
-A refused write is an error for that writer (`WriterFencedError`, `StreamClosedError`,
-`ProtocolError`), never for the readers: nothing reaches the stream. The sync writer
-(`stream.writer`), the worker's batched async one (`stream.batcher`) and its lease keeper
-(`worker.leases`) run these. Leases are timed by Redis's clock, never a worker's.
+Every script is safe to send again after its reply was lost (redis-py resends a command whose
+connection broke): each recognises its own earlier write (by `seq`, by attempt number, by a
+nonce) and does not write twice. A refused write is an error for that writer
+(`WriterFencedError`, `StreamClosedError`, `ProtocolError`), never for the readers: nothing
+reaches the stream. The sync writer (`stream.writer`) and the worker's batched async one
+(`stream.batcher`) run these.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import ResponseError
 
-from tokenrelay.errors import ProtocolError, StreamClosedError, WriterFencedError
+from tokenrelay.errors import ProtocolError, StreamClosedError, StreamLostError, WriterFencedError
 from tokenrelay.stream import keys
 from tokenrelay.stream.keys import StateField
 from tokenrelay.stream.protocol import (
@@ -44,7 +44,6 @@ from tokenrelay.stream.protocol import (
     Event,
     LifecycleEvent,
     StartEntry,
-    State,
     StatusEntry,
     Terminal,
     TokenEntry,
@@ -65,8 +64,8 @@ end
 """
 
 # KEYS: stream, state, lifecycle stream, leases. ARGV: writer, ttl, events cap, lease (ms),
-# length cap (0: none), job id, N, the start entry's N field/value arguments, then the
-# `started` event's field/value arguments.
+# length cap (0: none), job id, started at, N, the start entry's N field/value arguments, then
+# the `started` event's field/value arguments.
 _BEGIN = """
 local st = redis.call('HMGET', KEYS[2], '$WRITER', '$START', '$END')
 if st[1] then
@@ -75,15 +74,15 @@ if st[1] then
 end
 if st[3] then return closed() end
 if redis.call('EXISTS', KEYS[1]) == 1 then return fenced('unknown') end
-local n = tonumber(ARGV[7])
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 8, 7 + n))
+local n = tonumber(ARGV[8])
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 9, 8 + n))
 redis.call('HSET', KEYS[2], '$WRITER', ARGV[1], '$NEXT_SEQ', 0, '$START', id, '$ATTEMPT', 1,
-  '$ATTEMPT_FROM', 0)
+  '$ATTEMPT_FROM', 0, '$ATTEMPT_ENTRY', 1, '$STARTED_AT', ARGV[7])
 if ARGV[5] ~= '0' then redis.call('HSET', KEYS[2], '$MAXLEN', ARGV[5]) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[4], now_ms() + tonumber(ARGV[4]), ARGV[6])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 8 + n))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 9 + n))
 return id
 """
 
@@ -114,35 +113,40 @@ end
 return id
 """
 
-# KEYS: stream, state. ARGV: writer, attempt, policy, from seq, prompt tokens and completion
-# tokens of the attempt that ended (added to the state's usage), then the attempt entry's
-# field/value arguments. A restart counts the tokens from 0 again.
+# KEYS: stream, state. ARGV: writer, attempt, policy, from seq, the tokens streamed by the
+# attempt that ended (added to the state's count), then the attempt entry's field/value
+# arguments. A restart counts the tokens from 0 again. Sent again (its reply lost), it
+# recognises its own entry by the attempt's number and writes nothing.
 _ATTEMPT = """
-local st = redis.call('HMGET', KEYS[2], '$WRITER', '$NEXT_SEQ', '$END')
+local st = redis.call('HMGET', KEYS[2], '$WRITER', '$NEXT_SEQ', '$END', '$ATTEMPT_ENTRY')
 if st[3] then return closed() end
 if not st[1] then return lost() end
 if st[1] ~= ARGV[1] then return fenced(st[1]) end
+if st[4] == ARGV[2] then return 'retried' end
 local from = tonumber(ARGV[4])
 local expected = ARGV[3] == 'restart' and 0 or tonumber(st[2])
 if from ~= expected then
   return redis.error_reply('TOKENRELAY_GAP the attempt must go on from ' .. expected)
 end
-local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', unpack(ARGV, 7))
+local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', unpack(ARGV, 6))
 if not id then return lost() end
-redis.call('HSET', KEYS[2], '$NEXT_SEQ', from, '$ATTEMPT', ARGV[2], '$ATTEMPT_FROM', from)
-redis.call('HINCRBY', KEYS[2], '$PROMPT_TOKENS', ARGV[5])
-redis.call('HINCRBY', KEYS[2], '$COMPLETION_TOKENS', ARGV[6])
+redis.call('HSET', KEYS[2], '$NEXT_SEQ', from, '$ATTEMPT', ARGV[2], '$ATTEMPT_FROM', from,
+  '$ATTEMPT_ENTRY', ARGV[2])
+redis.call('HINCRBY', KEYS[2], '$COMPLETION_TOKENS', ARGV[5])
 return id
 """
 
-# KEYS: stream, state. ARGV: writer, then the status entry's field/value arguments.
+# KEYS: stream, state. ARGV: writer, nonce (the same for a call sent again), then the status
+# entry's field/value arguments.
 _STATUS = """
-local st = redis.call('HMGET', KEYS[2], '$WRITER', '$END')
+local st = redis.call('HMGET', KEYS[2], '$WRITER', '$END', '$STATUS_NONCE')
 if st[2] then return closed() end
 if not st[1] then return lost() end
 if st[1] ~= ARGV[1] then return fenced(st[1]) end
-local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', unpack(ARGV, 2))
+if st[3] == ARGV[2] then return 'retried' end
+local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', unpack(ARGV, 3))
 if not id then return lost() end
+redis.call('HSET', KEYS[2], '$STATUS_NONCE', ARGV[2])
 return id
 """
 
@@ -167,51 +171,6 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 7 + n))
 return id
 """
 
-# KEYS: state, leases, stream. ARGV: writer, job id, lease (ms), ttl. Moves the job's lease
-# deadline on, and the stream's expiry with it, while this writer still owns the stream.
-_RENEW = """
-local st = redis.call('HMGET', KEYS[1], '$WRITER', '$END')
-if st[2] then redis.call('ZREM', KEYS[2], ARGV[2]) return closed() end
-if not st[1] then redis.call('ZREM', KEYS[2], ARGV[2]) return lost() end
-if st[1] ~= ARGV[1] then return fenced(st[1]) end
-redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[3]), ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return 1
-"""
-
-# KEYS: leases. ARGV: grace (ms), count. The jobs whose lease ran out more than `grace` ago.
-_LAPSED = """
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now_ms() - tonumber(ARGV[1])),
-  'LIMIT', 0, tonumber(ARGV[2]))
-"""
-
-# KEYS: state, leases, stream. ARGV: job id, grace (ms), new writer, lease (ms), then the
-# `stalled` status entry's field/value arguments. Takes over a job whose lease ran out more
-# than `grace` ago: the new writer fences the old one out in this same step. Returns the
-# new attempt's number, the next seq, and the usage of the attempts before; false if the
-# lease is live (or gone); a refusal if the stream ended or vanished (its lease is dropped).
-_CLAIM = """
-local deadline = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
-if not deadline or deadline >= now_ms() - tonumber(ARGV[2]) then return false end
-local st = redis.call('HMGET', KEYS[1], '$WRITER', '$END', '$NEXT_SEQ', '$ATTEMPT',
-  '$ATTEMPT_FROM')
-if st[2] then redis.call('ZREM', KEYS[2], ARGV[1]) return closed() end
-if not st[1] or redis.call('EXISTS', KEYS[3]) == 0 then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return lost()
-end
-local next_seq = tonumber(st[3]) or 0
--- What the lost attempt streamed counts as its completion (its own report died with it).
-redis.call('HINCRBY', KEYS[1], '$COMPLETION_TOKENS', next_seq - (tonumber(st[5]) or 0))
-local attempt = redis.call('HINCRBY', KEYS[1], '$ATTEMPT', 1)
-redis.call('HSET', KEYS[1], '$WRITER', ARGV[3])
-redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[4]), ARGV[1])
-redis.call('XADD', KEYS[3], '*', unpack(ARGV, 5))
-local usage = redis.call('HMGET', KEYS[1], '$PROMPT_TOKENS', '$COMPLETION_TOKENS')
-return {attempt, next_seq, tonumber(usage[1]) or 0, tonumber(usage[2]) or 0}
-"""
-
 
 @dataclass(frozen=True)
 class Script:
@@ -229,7 +188,6 @@ class Script:
 
 BEGIN, APPEND, CLOSE = Script.of(_BEGIN), Script.of(_APPEND), Script.of(_CLOSE)
 ATTEMPT, STATUS = Script.of(_ATTEMPT), Script.of(_STATUS)
-RENEW, LAPSED, CLAIM = Script.of(_RENEW), Script.of(_LAPSED), Script.of(_CLAIM)
 
 
 def refusal(reply: str) -> Exception:
@@ -239,13 +197,14 @@ def refusal(reply: str) -> Exception:
     if reply.startswith("TOKENRELAY_FENCED"):
         return WriterFencedError("another writer owns this stream")
     if reply.startswith("TOKENRELAY_LOST"):
-        return StreamClosedError("the stream or its state is gone (expired, evicted or deleted)")
+        return StreamLostError("the stream or its state is gone (expired, evicted or deleted)")
     if reply.startswith("TOKENRELAY_GAP"):
         return ProtocolError(reply.removeprefix("TOKENRELAY_GAP "))
     return ResponseError(reply)
 
 
-def _flat(fields: dict[str, str]) -> list[str]:
+def flat(fields: dict[str, str]) -> list[str]:
+    """An entry's fields as the flat list of arguments XADD takes."""
     return [part for pair in fields.items() for part in pair]
 
 
@@ -258,11 +217,6 @@ def with_events(job_id: str) -> list[str]:
     """The keys of the begin and close scripts: the stream, its state, the lifecycle stream
     and the leases."""
     return [*stream_keys(job_id), keys.EVENTS_STREAM, keys.LEASES]
-
-
-def lease_keys(job_id: str) -> list[str]:
-    """The keys of the renew and claim scripts: the job's state, the leases, its stream."""
-    return [keys.stream_state(job_id), keys.LEASES, keys.token_stream(job_id)]
 
 
 def begin_args(
@@ -278,26 +232,25 @@ def begin_args(
     event = LifecycleEvent(Event.STARTED, start.job_id, start.started_at, queue, start.model)
     fields = encode(start)
     args = [start.writer, str(ttl), str(events_cap), str(lease_ms), str(maxlen), start.job_id]
-    return [*args, str(2 * len(fields)), *_flat(fields), *_flat(encode_event(event))]
+    args.append(repr(start.started_at))
+    return [*args, str(2 * len(fields)), *flat(fields), *flat(encode_event(event))]
 
 
 def append_args(writer: str, entry: TokenEntry, *, ttl: int = 0, maxlen: int = 0) -> list[str]:
     """APPEND's arguments for one token entry; `ttl` 0 leaves the stream's expiry as it is."""
     args = [writer, str(ttl), str(entry.seq), str(entry.count), str(maxlen)]
-    return [*args, *_flat(encode(entry))]
+    return [*args, *flat(encode(entry))]
 
 
-def attempt_args(
-    writer: str, entry: AttemptEntry, *, prompt_tokens: int = 0, completion_tokens: int = 0
-) -> list[str]:
-    """ATTEMPT's arguments: the new attempt's entry, and the usage of the one that ended."""
+def attempt_args(writer: str, entry: AttemptEntry, *, streamed: int = 0) -> list[str]:
+    """ATTEMPT's arguments: the new attempt's entry, and the tokens the one that ended streamed."""
     head = [writer, str(entry.attempt), entry.policy.value, str(entry.from_seq)]
-    return [*head, str(prompt_tokens), str(completion_tokens), *_flat(encode(entry))]
+    return [*head, str(streamed), *flat(encode(entry))]
 
 
-def status_args(writer: str, entry: StatusEntry) -> list[str]:
-    """STATUS's arguments."""
-    return [writer, *_flat(encode(entry))]
+def status_args(writer: str, entry: StatusEntry, *, nonce: str) -> list[str]:
+    """STATUS's arguments; `nonce` is the same when the same call is sent again."""
+    return [writer, nonce, *flat(encode(entry))]
 
 
 def close_args(
@@ -312,26 +265,4 @@ def close_args(
     """CLOSE's arguments: the terminal entry and its lifecycle event."""
     fields = encode(entry)
     args = [writer, nonce, str(ttl), str(events_cap), event.job_id, str(2 * len(fields))]
-    return [*args, *_flat(fields), *_flat(encode_event(event))]
-
-
-def renew_args(writer: str, job_id: str, *, lease_ms: int, ttl: int) -> list[str]:
-    """RENEW's arguments."""
-    return [writer, job_id, str(lease_ms), str(ttl)]
-
-
-def claim_args(job_id: str, *, grace_ms: int, writer: str, lease_ms: int) -> list[str]:
-    """CLAIM's arguments, with the `stalled` entry readers see when the job is taken over."""
-    stalled = StatusEntry(State.STALLED, "the worker running the job stopped answering")
-    return [job_id, str(grace_ms), writer, str(lease_ms), *_flat(encode(stalled))]
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A job taken over from a worker presumed dead: what the new attempt goes on from."""
-
-    writer: str
-    attempt: int
-    next_seq: int
-    prompt_tokens: int
-    completion_tokens: int
+    return [*args, *flat(fields), *flat(encode_event(event))]

@@ -16,6 +16,26 @@ from tokenrelay.stream.protocol import AttemptEntry, Entry, Policy, TokenEntry
 _JOIN_EVERY = 256
 
 
+class TextBuffer:
+    """A text built piece by piece, in memory that grows with its characters alone."""
+
+    def __init__(self, text: str = "") -> None:
+        self._parts = [text] if text else []
+
+    def add(self, piece: str) -> None:
+        """Append one piece."""
+        self._parts.append(piece)
+        if len(self._parts) >= _JOIN_EVERY:
+            self._parts[:] = ["".join(self._parts)]
+
+    def clear(self) -> None:
+        """Start over, empty."""
+        self._parts.clear()
+
+    def __str__(self) -> str:
+        return "".join(self._parts)
+
+
 def starts_over(entry: Entry) -> bool:
     """Whether the entry voids the text before it (a new attempt with the `restart` policy)."""
     return isinstance(entry, AttemptEntry) and entry.policy == Policy.RESTART
@@ -25,23 +45,21 @@ class Transcript:
     """The text of one stream so far, and how many tokens it holds."""
 
     def __init__(self) -> None:
-        self._parts: list[str] = []
+        self._text = TextBuffer()
         self.tokens = 0
         self.restarts = 0
 
     def add(self, entry: Entry) -> None:
         """Take the next entry of the stream (entries but tokens and restarts are ignored)."""
         if isinstance(entry, TokenEntry):
-            self._parts.append(entry.text)
+            self._text.add(entry.text)
             self.tokens += entry.count
-            if len(self._parts) >= _JOIN_EVERY:
-                self._parts[:] = ["".join(self._parts)]
         elif starts_over(entry):
-            self._parts.clear()
+            self._text.clear()
             self.tokens = 0
             self.restarts += 1
 
     @property
     def text(self) -> str:
         """The text so far."""
-        return "".join(self._parts)
+        return str(self._text)

@@ -68,8 +68,8 @@ class Seam:
         self._held.append(token)
         self._size += len(token)
         held = "".join(self._held)
-        if self._size < MAX_HOLD and held in self._tail and not self._tail.endswith(held):
-            return []  # the continuation so far repeats the text: it may go on repeating
+        if self._size < MAX_HOLD and held in self._tail[:-1]:
+            return []  # it could be the start of a repeat longer than itself: wait and see
         if self._size < MAX_HOLD and self._tail.endswith(held) and self._size < MIN_OVERLAP:
             return []  # too short yet to tell a repeat from the text going on
         return self.flush()

@@ -26,13 +26,10 @@ from tokenrelay.stream.protocol import ErrorEntry
 #: Statuses the model server may answer differently next time (as the OpenAI client retries).
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 
-#: Errors that may go away by themselves, for the `retryable` flag of an `error` entry: what
-#: a new attempt could fix, whether or not the worker tried one.
-_RETRYABLE = (
-    openai.APIConnectionError,  # includes APITimeoutError
-    openai.RateLimitError,
-    openai.InternalServerError,
-    GenerationError,  # cut streams, timeouts, a backlog during an outage
+#: Failures that may go away by themselves, whatever else they are: what a new attempt (or a
+#: new submission) could fix.
+_TRANSIENT = (
+    GenerationError,  # cut streams, first-token and stall timeouts, a backlog during an outage
     JobTimeoutException,
     AbandonedJobError,
     WorkerLostError,
@@ -56,14 +53,14 @@ class Failure:
 
 
 def triage(exc: BaseException) -> Failure:
-    """Whether the retry loop tries again after `exc`, and the server's `Retry-After`."""
+    """Whether a new attempt may succeed after `exc` (and the server's `Retry-After`): the one
+    rule for the retry loop and for every `error` entry's `retryable`."""
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retryable = status in _RETRYABLE_STATUS or status >= 500
         return Failure(retryable, _retry_after(exc) if retryable else None)
-    if isinstance(exc, openai.APIConnectionError | GenerationError):
-        return Failure(True)
-    return Failure(False)
+    # Connections refused, reset or dropped, and errors the server sent mid-stream.
+    return Failure(isinstance(exc, (openai.APIError, *_TRANSIENT)))
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:
@@ -124,6 +121,6 @@ def error_entry(exc: BaseException, *, attempt: int, secret: Secret | None = Non
     return ErrorEntry(
         error_type=type(exc).__name__,
         message=redacted(exc, secret),
-        retryable=isinstance(exc, _RETRYABLE),
+        retryable=triage(exc).retryable,
         attempt=attempt,
     )

@@ -1,116 +1,51 @@
 """One generation, from `start` entry to `end` or `error` entry, as a task of the worker's loop.
 
 It gets everything it uses passed in (`JobRun`): the RQ job, the settings, the process's
-stream batcher, model clients and Redis outage record, and, for a job taken over from a
-dead worker, the claim it goes on from. It runs attempts until one succeeds or the
-failures are not worth retrying (`worker.failures`) or TOKENRELAY_MAX_ATTEMPTS is spent.
-Between two attempts readers see a `status: retrying` entry (with the wait), then an
-`attempt` entry; with the `continue` policy the new attempt asks the model to go on from
-the text so far (`worker.continuation`), with `restart` it starts over.
+stream batcher and model clients, and, for a job taken over from a dead worker, the claim it
+goes on from (the text so far, read back from its stream). It writes the `start` entry (or,
+taken over, an `attempt` entry), runs attempts until one ends well (`worker.retrying`), and
+writes the `end` entry, whose usage covers every attempt.
 
 It writes its stream's terminal entry on every path: the end, a model error, and a stop
 decided by the worker (a timeout, a stop command, a cancel, a shutdown), which sets
-`JobRun.stop` before cancelling the task. The `end` entry's usage covers every attempt.
+`JobRun.stop` before cancelling the task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from rq.job import Job
 
 from tokenrelay.errors import (
     GenerationError,
     InvalidRequestError,
     RedisUnavailableError,
     StreamClosedError,
-    TruncatedStreamError,
     WorkerLostError,
     WriterFencedError,
 )
 from tokenrelay.producer.request import GenerationRequest, request_from_payload
-from tokenrelay.settings import Settings
-from tokenrelay.stream.batcher import BatchedStream, StreamBatcher
+from tokenrelay.stream.batched import BatchedStream
 from tokenrelay.stream.protocol import (
     AttemptEntry,
     EndEntry,
     ErrorEntry,
     Policy,
     StartEntry,
-    State,
-    StatusEntry,
 )
-from tokenrelay.stream.scripts import Claim
-from tokenrelay.worker.continuation import Seam, continuation
-from tokenrelay.worker.failures import error_entry, redacted, retry_delay, triage
-from tokenrelay.worker.llm import ChatModels
-from tokenrelay.worker.publisher import TokenPublisher
-from tokenrelay.worker.resume import read_so_far
-from tokenrelay.worker.streaming import StreamedAnswer, stream_chat
-from tokenrelay.worker.watchdog import Watchdog
+from tokenrelay.worker.failures import error_entry
+from tokenrelay.worker.resume import read_text
+from tokenrelay.worker.retrying import run_attempts
+from tokenrelay.worker.run import JobRun, Usage
+from tokenrelay.worker.streaming import StreamedAnswer
 
 log = structlog.get_logger()
 
-_MESSAGE_TYPES: dict[str, type[BaseMessage]] = {
-    "system": SystemMessage,
-    "user": HumanMessage,
-    "assistant": AIMessage,
-}
-
 #: The reason an attempt entry gives when the worker before died.
 WORKER_LOST = "WorkerLost"
-
-#: The longest `detail` of a `status` entry.
-_MAX_DETAIL = 300
-
-
-@dataclass
-class JobRun:
-    """One job as its generation runs it, with everything it needs, passed explicitly."""
-
-    job: Job
-    settings: Settings
-    batcher: StreamBatcher
-    models: ChatModels
-    worker: str
-    #: The job taken over from a dead worker: its new writer and where it stands.
-    claim: Claim | None = None
-    #: Why the worker stopped the job, set before it cancels the task: the error entry to end with.
-    stop: ErrorEntry | None = None
-    #: The job's stream, once the generation has it (the worker renews its lease).
-    stream: BatchedStream | None = None
-    #: The attempt running now, from 1 (`begin_attempt` moves it on).
-    attempt: int = 1
-    nonce: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    def begin_attempt(self, attempt: int) -> None:
-        """Make `attempt` the current one, for the stream and for every log line from here."""
-        self.attempt = attempt
-        structlog.contextvars.bind_contextvars(attempt=attempt)
-
-
-@dataclass
-class Usage:
-    """Token usage summed over attempts; an attempt with no report counts what it streamed."""
-
-    prompt: int = 0
-    completion: int = 0
-    reported: bool = False
-
-    def add(self, answer: StreamedAnswer | None, streamed: int) -> None:
-        usage = answer.usage if answer is not None else None
-        if usage:
-            self.reported = True
-            self.prompt += int(usage.get("input_tokens", 0))
-            self.completion += int(usage.get("output_tokens", streamed))
-        else:
-            self.completion += streamed
 
 
 async def generate(run: JobRun) -> dict[str, Any]:
@@ -141,7 +76,7 @@ async def generate(run: JobRun) -> dict[str, Any]:
             so_far = ""
         else:
             started, so_far = await _take_over(run, stream, usage)
-        answer = await _attempts(run, request, stream, max_tokens, started, so_far, usage)
+        answer = await run_attempts(run, request, stream, max_tokens, started, so_far, usage)
     except (StreamClosedError, WriterFencedError) as exc:
         log.info("job.stream_closed", tokens=stream.tokens, reason=str(exc))
         raise
@@ -207,9 +142,9 @@ async def _take_over(run: JobRun, stream: BatchedStream, usage: Usage) -> tuple[
     claim = run.claim
     assert claim is not None
     run.begin_attempt(claim.attempt)
-    usage.prompt, usage.completion = claim.prompt_tokens, claim.completion_tokens
-    so_far = await read_so_far(run.batcher.client, run.job.id, run.batcher.outage)
-    started = so_far.start.started_at if so_far.start is not None else time.time()
+    usage.completion = claim.streamed
+    stream.seed(await read_text(run.batcher.client, run.job.id, run.batcher.outage))
+    started = claim.started_at or time.time()
     log.info("job.resumed", attempt=claim.attempt, from_seq=claim.next_seq)
     if claim.attempt > run.settings.max_attempts:
         raise WorkerLostError(
@@ -219,98 +154,7 @@ async def _take_over(run: JobRun, stream: BatchedStream, usage: Usage) -> tuple[
     policy = Policy(run.settings.retry_policy)
     from_seq = claim.next_seq if policy == Policy.CONTINUE else 0
     await stream.new_attempt(AttemptEntry(claim.attempt, WORKER_LOST, policy, from_seq))
-    return started, so_far.text if policy == Policy.CONTINUE else ""
-
-
-async def _attempts(
-    run: JobRun,
-    request: GenerationRequest,
-    stream: BatchedStream,
-    max_tokens: int,
-    started: float,
-    so_far: str,
-    usage: Usage,
-) -> StreamedAnswer:
-    """Run attempts until one ends well; raises the last failure when retrying is over."""
-    settings = run.settings
-    policy = Policy(settings.retry_policy)
-    messages = [_MESSAGE_TYPES[m.role](content=m.content) for m in request.messages]
-    while True:
-        before = stream.tokens
-        try:
-            answer = await _attempt(run, request, stream, messages, so_far, max_tokens, started)
-        except (StreamClosedError, WriterFencedError, RedisUnavailableError):
-            raise
-        except Exception as exc:
-            usage.add(None, stream.tokens - before)
-            failure = triage(exc)
-            if not failure.retryable or run.attempt >= settings.max_attempts:
-                raise
-            delay = retry_delay(
-                run.attempt, failure, base=settings.retry_delay, ceiling=settings.retry_max_delay
-            )
-            reason = type(exc).__name__
-            log.warning(
-                "job.attempt_failed",
-                attempt=run.attempt,
-                error_type=reason,
-                tokens=stream.tokens,
-                retry_in_s=round(delay, 3),
-            )
-            detail = f"{reason}: {redacted(exc, settings.openai_api_key)}"[:_MAX_DETAIL]
-            await stream.status(StatusEntry(State.RETRYING, detail, round(delay * 1000, 3)))
-            await asyncio.sleep(delay)
-            if policy == Policy.CONTINUE:
-                so_far = (
-                    await read_so_far(run.batcher.client, run.job.id, run.batcher.outage)
-                ).text
-            run.begin_attempt(run.attempt + 1)
-            from_seq = stream.tokens if policy == Policy.CONTINUE else 0
-            await stream.new_attempt(
-                AttemptEntry(run.attempt, reason, policy, from_seq),
-                completion_tokens=stream.tokens - before,
-            )
-            continue
-        usage.add(answer, stream.tokens - before)
-        return answer
-
-
-async def _attempt(
-    run: JobRun,
-    request: GenerationRequest,
-    stream: BatchedStream,
-    messages: list[BaseMessage],
-    so_far: str,
-    max_tokens: int,
-    started: float,
-) -> StreamedAnswer:
-    """One attempt: stream the model's answer (or the rest of it) into the stream."""
-    settings = run.settings
-    left = max_tokens - stream.tokens
-    llm = run.models.for_request(request, max_tokens=max(left, 1))
-    async with Watchdog(
-        first_token=request.first_token_timeout or settings.first_token_timeout,
-        stall=request.stall_timeout or settings.stall_timeout,
-    ) as watchdog:
-        publisher = TokenPublisher(
-            stream, limit=max_tokens, started=started, watchdog=watchdog, seam=Seam(so_far)
-        )
-        try:
-            answer = await stream_chat(
-                llm,
-                continuation(messages, so_far),
-                [publisher],
-                enough=lambda: publisher.over_limit,
-            )
-        finally:
-            if stream.error is None:
-                publisher.flush()  # what the seam still holds is text the model sent
-    if publisher.over_limit:  # the server ignored the limit; the worker stopped it there
-        answer.finish_reason = "length"
-    await stream.drain()
-    if answer.finish_reason is None:
-        raise TruncatedStreamError("the model's stream ended without a finish reason")
-    return answer
+    return started, stream.text if policy == Policy.CONTINUE else ""
 
 
 async def _refuse(run: JobRun, exc: InvalidRequestError) -> None:

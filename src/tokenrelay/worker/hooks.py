@@ -21,7 +21,7 @@ from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
 from tokenrelay.stream.protocol import ErrorEntry
 from tokenrelay.stream.writer import close_stream
-from tokenrelay.worker.attempts import attempt_of
+from tokenrelay.worker.attempts import current_attempt
 from tokenrelay.worker.failures import error_entry
 
 log = structlog.get_logger()
@@ -56,10 +56,11 @@ def on_failure(
     if isinstance(exc, AbandonedJobError) and connection.zscore(keys.LEASES, job.id) is not None:
         return  # its lease says it is running, or will be taken over: not abandoned
 
-    end_with_error(connection, job, error_entry(exc, attempt=attempt_of(job)))
+    end_with_error(connection, job, error_entry(exc, attempt=current_attempt(connection, job.id)))
 
 
 def on_stopped(job: Job, connection: Redis) -> None:
     """RQ stopped callback: a stop command killed the job's work horse."""
-    entry = ErrorEntry("JobStopped", "the job was stopped on request", False, attempt_of(job))
+    attempt = current_attempt(connection, job.id)
+    entry = ErrorEntry("JobStopped", "the job was stopped on request", False, attempt)
     end_with_error(connection, job, entry)

@@ -7,7 +7,7 @@ job was taken over: this worker was presumed dead) or has ended; the worker then
 that job.
 
 Every worker looks for leases that ran out more than TOKENRELAY_TAKEOVER_AFTER ago and
-claims them (`scripts.CLAIM`): the claim replaces the writer token, so the old worker, if it
+claims them (`lease_scripts.CLAIM`): the claim replaces the writer token, so the old worker, if it
 comes back, can no longer write, and writes a `stalled` entry for the readers. The claimer
 then runs the job's next attempt, going on from the stream's text. From a worker's death to
 its job's next token: at most the lease TTL, plus the takeover delay, plus one scan.
@@ -22,8 +22,8 @@ import structlog
 from redis import asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
-from tokenrelay.outage import REDIS_DOWN, Outage, aretry
-from tokenrelay.stream import keys, scripts
+from tokenrelay.outage import REDIS_DOWN, Outage, aretry, down_reply
+from tokenrelay.stream import keys, lease_scripts, scripts
 from tokenrelay.stream.writer import new_writer_token
 
 log = structlog.get_logger()
@@ -64,12 +64,12 @@ class Leases:
         if not held:
             return {}
         replies = await self._pipeline(
-            scripts.RENEW,
+            lease_scripts.RENEW,
             wait=True,
             calls=[
                 (
-                    scripts.lease_keys(h.job_id),
-                    scripts.renew_args(h.writer, h.job_id, lease_ms=self.lease_ms, ttl=h.ttl),
+                    lease_scripts.lease_keys(h.job_id),
+                    lease_scripts.renew_args(h.writer, h.job_id, lease_ms=self.lease_ms, ttl=h.ttl),
                 )
                 for h in held
             ],
@@ -84,31 +84,34 @@ class Leases:
         """Up to `count` jobs whose lease ran out more than `takeover_after` seconds ago."""
         grace = str(int(self.takeover_after * 1000))
         calls = [([keys.LEASES], [grace, str(count)])]
-        [found] = await self._pipeline(scripts.LAPSED, calls, wait=False)
+        [found] = await self._pipeline(lease_scripts.LAPSED, calls, wait=False)
+        if isinstance(found, Exception):
+            raise found
         assert isinstance(found, list)
         return [j.decode() if isinstance(j, bytes) else str(j) for j in found]
 
-    async def claim(self, job_id: str) -> scripts.Claim | None:
+    async def claim(self, job_id: str) -> lease_scripts.Claim | None:
         """Take the job over if its lease is still lapsed; None if another worker was faster,
         or the job ended or vanished meanwhile."""
         writer = new_writer_token()
-        args = scripts.claim_args(
+        args = lease_scripts.claim_args(
             job_id,
             grace_ms=int(self.takeover_after * 1000),
             writer=writer,
             lease_ms=self.lease_ms,
         )
-        calls = [(scripts.lease_keys(job_id), args)]
-        [reply] = await self._pipeline(scripts.CLAIM, calls, wait=False)
+        calls = [(lease_scripts.lease_keys(job_id), args)]
+        [reply] = await self._pipeline(lease_scripts.CLAIM, calls, wait=False)
         if isinstance(reply, ResponseError):
             log.info("job.takeover_skipped", job_id=job_id, reason=str(scripts.refusal(str(reply))))
             return None
         if not reply:
             return None
         assert isinstance(reply, list)
-        attempt, next_seq, prompt_tokens, completion_tokens = (int(v) for v in reply)
+        attempt, next_seq, streamed = (int(v) for v in reply[:3])
+        started_at = float(reply[3]) if reply[3] else None
         log.warning("job.taken_over", job_id=job_id, attempt=attempt, next_seq=next_seq)
-        return scripts.Claim(writer, attempt, next_seq, prompt_tokens, completion_tokens)
+        return lease_scripts.Claim(writer, attempt, next_seq, streamed, started_at)
 
     async def _pipeline(
         self, script: scripts.Script, calls: Sequence[tuple[list[str], list[str]]], *, wait: bool
@@ -122,6 +125,9 @@ class Leases:
             for call_keys, args in calls:
                 pipe.evalsha(script.sha, len(call_keys), *call_keys, *args)
             replies: list[object] = await pipe.execute(raise_on_error=False)
+            down = down_reply(replies)  # a read-only replica, a busy Redis: an outage
+            if down is not None:
+                raise down
             if any(isinstance(r, NoScriptError) for r in replies):
                 await self.client.script_load(script.source)  # Redis restarted: none of them ran
                 return await send()

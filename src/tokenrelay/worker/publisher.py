@@ -10,7 +10,7 @@ from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.outputs import ChatGenerationChunk, GenerationChunk
 
 from tokenrelay.errors import BacklogError
-from tokenrelay.stream.batcher import BatchedStream
+from tokenrelay.stream.batched import BatchedStream
 from tokenrelay.worker.continuation import Seam
 from tokenrelay.worker.watchdog import Watchdog
 

@@ -19,7 +19,6 @@ RQ's clean-up of abandoned jobs would: `adopt` moves RQ's record of it to this w
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import threading
 import time
 import traceback
@@ -37,16 +36,16 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.timeouts import BaseDeathPenalty
 from rq.utils import current_timestamp, now, parse_composite_key
 from rq.worker import BaseWorker, WorkerStatus
 
-from tokenrelay.errors import RedisUnavailableError, UnsafeJobError
-from tokenrelay.outage import REDIS_DOWN, Outage, backoff
+from tokenrelay.errors import RedisUnavailableError
+from tokenrelay.outage import Outage, backoff, is_down
 from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
 from tokenrelay.stream.events import trim_events
-from tokenrelay.worker import hooks
+from tokenrelay.stream.keys import StateField
+from tokenrelay.worker.rq_job import RelayJob, ThreadTimerDeathPenalty
 
 log = structlog.get_logger()
 
@@ -54,68 +53,6 @@ log = structlog.get_logger()
 CLEANUP_LOCK = 30
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
-
-
-class ThreadTimerDeathPenalty(BaseDeathPenalty):
-    """A time limit for a callback run in a thread: a timer raises the exception in it.
-
-    RQ's default uses SIGALRM, which works only in the main thread; its thread-based one
-    rewrites `JobTimeoutException.__init__` for the whole process. This does neither. The
-    exception lands when the thread next runs Python code.
-    """
-
-    def setup_death_penalty(self) -> None:
-        self._thread = threading.get_ident()
-        self._timer: threading.Timer | None = None
-        if self._timeout and self._timeout > 0:
-            self._timer = threading.Timer(self._timeout, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _fire(self) -> None:
-        exception = ctypes.py_object(self._exception)
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread), exception)
-
-    def cancel_death_penalty(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
-class RelayJob(Job):
-    """A job that runs tokenrelay's generation or nothing: the payload names no other code.
-
-    RQ imports a job's callbacks by the dotted names stored in the job; this class never
-    imports a name, it maps the few it knows to tokenrelay's hooks.
-    """
-
-    def check_runnable(self) -> None:
-        """Raise UnsafeJobError unless the job names tokenrelay's generation function."""
-        if self.func_name != keys.GENERATE_FUNC:
-            raise UnsafeJobError(
-                f"refused job {self.id}: it names {self.func_name!r}, "
-                f"and a tokenrelay worker runs only {keys.GENERATE_FUNC}"
-            )
-
-    @property
-    def func(self) -> Callable[..., Any]:
-        self.check_runnable()
-        raise UnsafeJobError("tokenrelay jobs are run by the worker's loop, not by RQ")
-
-    @property
-    def success_callback(self) -> None:
-        return None
-
-    @property
-    def failure_callback(self) -> Callable[..., Any] | None:
-        if self._failure_callback_name == keys.ON_FAILURE_CALLBACK:
-            return hooks.on_failure
-        return None
-
-    @property
-    def stopped_callback(self) -> Callable[..., Any] | None:
-        if self._stopped_callback_name == keys.ON_STOPPED_CALLBACK:
-            return hooks.on_stopped
-        return None
 
 
 class RelayWorker(BaseWorker):
@@ -174,7 +111,7 @@ class RelayWorker(BaseWorker):
     def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
         """The command listener lost Redis: note the outage (logged once), wait, listen again.
         RQ's own handler retries only ConnectionError, and logs every two seconds."""
-        if not isinstance(exc, REDIS_DOWN):
+        if not is_down(exc):
             log.warning("worker.commands_stopped", error=str(exc))
             raise exc
         with contextlib.suppress(RedisUnavailableError):  # commands wait however long it takes
@@ -223,22 +160,28 @@ class RelayWorker(BaseWorker):
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
         return execution
 
-    def adopt(self, job_id: str) -> tuple[RelayJob, Queue, Execution] | None:
+    def adopt(self, job_id: str) -> tuple[RelayJob, Queue, Execution] | str:
         """Take over RQ's record of a running job whose worker died (its lease was claimed):
-        the dead worker's executions go, this worker's begins. None if RQ no longer has the
-        job, or it is not one a tokenrelay worker runs."""
+        the dead worker's executions go, this worker's begins. Otherwise, why not: RQ no
+        longer has the job (`"missing"`), it is not one a tokenrelay worker runs
+        (`"refused"`), or RQ says it ended (its status: `"canceled"`, `"stopped"`, ...)."""
         try:
             job = RelayJob.fetch(job_id, connection=self.connection, serializer=self.serializer)
             assert isinstance(job, RelayJob)
             job.check_runnable()
         except NoSuchJobError:
-            return None
+            return "missing"
         except Exception:
             log.warning("job.refused", job_id=job_id, exc_info=True)
-            return None
+            return "refused"
+        status = job.get_status(refresh=False)
+        if status not in (JobStatus.STARTED, JobStatus.FAILED):
+            return str(status.value if status is not None else "missing")
         queue = Queue(
             job.origin, connection=self.connection, serializer=self.serializer, job_class=RelayJob
         )
+        if status == JobStatus.FAILED:  # RQ's clean-up found it abandoned; its lease says not
+            job.failed_job_registry.remove(job)
         self._forget_executions(job)
         execution = self.prepare_execution(job)
         self.prepare_job_execution(job)
@@ -256,32 +199,46 @@ class RelayWorker(BaseWorker):
                 Execution(execution_id, job.id, self.connection).delete(job, pipe)
             pipe.execute()
 
-    # Finishing jobs (each re-checks the status: a job cancelled or failed elsewhere meanwhile
-    # is left as it is, and only its execution is removed).
+    # Finishing jobs. Each first checks that the job is still this run's: RQ says it is
+    # running, and its stream has no other writer (`writer`: this run's token, None before
+    # its stream began). A job cancelled or failed elsewhere meanwhile, or taken over by
+    # another worker while this one was presumed dead, is left as it is: only this run's
+    # execution is removed.
 
-    def _still_running(self, job: Job, execution: Execution) -> bool:
-        if job._fetch_status() == JobStatus.STARTED:
+    def _still_running(self, job: Job, execution: Execution, writer: str | None) -> bool:
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hget(job.key, "status")
+            pipe.hget(keys.stream_state(job.id), StateField.WRITER.value)
+            status, owner = pipe.execute()
+        ours = writer is None or owner is None or owner.decode() == writer
+        if status is not None and status.decode() == JobStatus.STARTED and ours:
             return True
+        if not ours:
+            log.info("job.taken_over_elsewhere", job_id=job.id)
         self.drop(job, execution)
         return False
 
-    def finish_ok(self, job: Job, queue: Queue, execution: Execution, result: Any) -> None:
-        if not self._still_running(job, execution):
+    def finish_ok(
+        self, job: Job, queue: Queue, execution: Execution, result: Any, *, writer: str | None
+    ) -> None:
+        if not self._still_running(job, execution, writer):
             return
         try:
             self._finalize_success(job, queue, execution, result)
         except Exception:
-            self.finish_failed(job, queue, execution, _exc_info())
+            self._finalize_failure(job, queue, execution, _exc_info())
 
     def finish_failed(
-        self, job: Job, queue: Queue, execution: Execution, exc_info: ExcInfo
+        self, job: Job, queue: Queue, execution: Execution, exc_info: ExcInfo, *, writer: str | None
     ) -> None:
-        if self._still_running(job, execution):
+        if self._still_running(job, execution, writer):
             self._finalize_failure(job, queue, execution, exc_info)
 
-    def finish_stopped(self, job: Job, queue: Queue, execution: Execution) -> None:
+    def finish_stopped(
+        self, job: Job, queue: Queue, execution: Execution, *, writer: str | None
+    ) -> None:
         """A stop command (or a cancel) ended the job: RQ's `stopped` status and callback."""
-        if not self._still_running(job, execution):
+        if not self._still_running(job, execution, writer):
             return
         job.ended_at = now()
         try:
@@ -331,7 +288,7 @@ class RelayWorker(BaseWorker):
     def clean_up(self) -> None:
         """End abandoned jobs (their executions' heartbeats lapsed), tidy RQ, trim events."""
         for queue in self.queues:
-            lock = f"rq:tokenrelay:cleanup:{queue.name}"
+            lock = keys.cleanup_lock(queue.name)
             if not self.connection.set(lock, self.name, nx=True, ex=CLEANUP_LOCK):
                 continue  # another worker is at it
             registry = StartedJobRegistry(

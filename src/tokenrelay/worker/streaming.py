@@ -23,34 +23,30 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
+from tokenrelay.stream.text import TextBuffer
+
 #: The longest a stream reads chunks without letting the loop run other tasks, in seconds. A
 #: fast model's chunks arrive buffered, and reading a buffered chunk never waits: one busy
 #: stream would otherwise hold the loop until its buffer ran dry.
 TURN = 0.002
-
-#: Text pieces are joined into one string every this many, so that an answer costs its text
-#: and not a Python object per token.
-_JOIN_EVERY = 256
 
 
 @dataclass
 class StreamedAnswer:
     """What the model sent: its text, how it finished, and its usage, if any."""
 
-    parts: list[str] = field(default_factory=list)
+    answer: TextBuffer = field(default_factory=TextBuffer)
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
 
     def add(self, text: str) -> None:
         """Keep one more piece of the text."""
-        self.parts.append(text)
-        if len(self.parts) >= _JOIN_EVERY:
-            self.parts[:] = ["".join(self.parts)]
+        self.answer.add(text)
 
     @property
     def text(self) -> str:
         """The text so far."""
-        return "".join(self.parts)
+        return str(self.answer)
 
     def message(self) -> AIMessage:
         """The whole answer as one message, for the run's `on_llm_end`."""
