@@ -23,7 +23,7 @@ from tokenrelay.stream.hub import StreamHub
 from tokenrelay.stream.integrity import StreamCheck
 from tokenrelay.stream.keys import StateField
 from tokenrelay.stream.protocol import Record, is_terminal, records, text
-from tokenrelay.stream.reader import BEGINNING, PAGE, id_before, id_order, is_capped
+from tokenrelay.stream.reader import BEGINNING, PAGE, id_before, id_order
 from tokenrelay.stream.subscription import Subscription
 
 T = TypeVar("T")
@@ -40,6 +40,7 @@ class _Reader:
     ) -> None:
         self.hub = hub
         self.client = hub.client
+        self.job_id = job_id
         self.key = keys.token_stream(job_id)
         self.state_key = keys.stream_state(job_id)
         self.alive_keys = [self.key, *alive_keys]
@@ -80,8 +81,8 @@ class _Reader:
 
     async def check(self, after: str) -> StreamCheck:
         """The stream's integrity check, once it has begun (its state says if it is capped)."""
-        maxlen = await self.call(lambda: self.client.hget(self.state_key, StateField.MAXLEN.value))
-        return StreamCheck(self.key, from_start=after == BEGINNING, capped=is_capped(maxlen))
+        capped = await self.within(self.hub.capped(self.job_id))
+        return StreamCheck(self.key, from_start=after == BEGINNING, capped=capped)
 
     async def page(self, last: str) -> list[Record]:
         raw: Any = await self.call(lambda: self.client.xrange(self.key, min=f"({last}", count=PAGE))

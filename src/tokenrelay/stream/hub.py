@@ -35,8 +35,9 @@ from tokenrelay.errors import (
 from tokenrelay.outage import REDIS_DOWN, Outage, aretry, backoff
 from tokenrelay.stream import keys
 from tokenrelay.stream.blocked_read import BlockedRead
+from tokenrelay.stream.keys import StateField
 from tokenrelay.stream.protocol import is_terminal, text
-from tokenrelay.stream.reader import BEGINNING, raw_records
+from tokenrelay.stream.reader import BEGINNING, is_capped, raw_records
 from tokenrelay.stream.subscription import Subscription
 
 log = structlog.get_logger()
@@ -51,7 +52,7 @@ _CLOSE_WAIT = 1.0
 class _Watch:
     """One watched stream: where the hub has read it to, and who follows it."""
 
-    __slots__ = ("alive_keys", "checked_at", "cursor", "key", "ready", "subscribers")
+    __slots__ = ("alive_keys", "capped", "checked_at", "cursor", "key", "ready", "subscribers")
 
     def __init__(self, key: str, alive_keys: tuple[str, ...]) -> None:
         self.key = key
@@ -60,6 +61,7 @@ class _Watch:
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.subscribers: set[Subscription] = set()
         self.checked_at = time.monotonic()
+        self.capped: asyncio.Future[bool] | None = None  # its length cap, once it has begun
 
 
 class StreamHub:
@@ -152,6 +154,27 @@ class StreamHub:
         watch.subscribers.discard(subscription)
         if not watch.subscribers and watch.cursor is not None:
             del self._watches[watch.key]
+
+    async def capped(self, job_id: str) -> bool:
+        """Whether the job's stream, which has begun, has a length cap: asked of Redis once per
+        watched stream, however many followers ask at once."""
+        watch = self._watches.get(keys.token_stream(job_id))
+        if watch is None:
+            return await self._ask_capped(job_id)
+        if watch.capped is None:
+            watch.capped = asyncio.ensure_future(self._ask_capped(job_id))
+        asked = watch.capped
+        try:
+            return await asyncio.shield(asked)
+        except BaseException:
+            if asked.done() and (asked.cancelled() or asked.exception() is not None):
+                watch.capped = None  # ask again next time
+            raise
+
+    async def _ask_capped(self, job_id: str) -> bool:
+        state = keys.stream_state(job_id)
+        maxlen = await aretry(self.outage, lambda: self.client.hget(state, StateField.MAXLEN.value))
+        return is_capped(maxlen)
 
     async def _begin(self, watch: _Watch) -> None:
         """Start reading a stream after its newest entry (its followers replay what is older)."""
