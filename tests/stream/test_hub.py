@@ -113,7 +113,9 @@ def test_the_gateway_mode_raises_when_a_follower_lags(
     async def main() -> tuple[str, str]:
         async with AsyncRelay.from_env(settings.with_overrides(reader_queue=2)) as relay:
             batches = follow(relay.hub, "lagging", timeout=30, resume_on_lag=False)
-            given = await anext(batches)
+            given = await anext(batches)  # the replay
+            await asyncio.to_thread(writer.token, " live")
+            given += await anext(batches)  # live now
             for i in range(20):
                 await asyncio.to_thread(writer.token, f" {i}")
             try:
@@ -124,6 +126,36 @@ def test_the_gateway_mode_raises_when_a_follower_lags(
 
     last_id, given_id = asyncio.run(main())
     assert last_id == given_id
+
+
+def test_an_overflow_while_replaying_a_long_stream_only_replays_further(
+    redis_client: Redis, settings: Settings
+) -> None:
+    """A follower whose queue overflows during its replay is not lagging: it reads on."""
+    writer = begun(redis_client, "long")
+    for i in range(1500):  # three pages of replay
+        writer.token(f" {i}")
+
+    async def main() -> str:
+        async with AsyncRelay.from_env(settings.with_overrides(reader_queue=2)) as relay:
+            batches = follow(relay.hub, "long", timeout=30, resume_on_lag=False)
+            given = await anext(batches)  # the first page; the follower now waits on us
+            for i in range(1500, 1510):
+                await asyncio.to_thread(writer.token, f" {i}")
+            last = redis_client.xrevrange(token_stream("long"), count=1)[0][0].decode()
+            deadline = time.monotonic() + 30
+            while relay.hub.read_to("long") != last:  # the hub has pushed them all: overflow
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            while len(given) < 1512:  # the rest of the replay: start and 1,511 tokens
+                given += await anext(batches)
+            await asyncio.to_thread(writer.close, EndEntry("stop", 1511))
+            async for batch in batches:  # live now: the end comes, and no ReaderLaggedError
+                given += batch
+            return "".join(r.entry.text for r in given if isinstance(r.entry, TokenEntry))
+
+    text = asyncio.run(main())
+    assert text == "first" + "".join(f" {i}" for i in range(1510))
 
 
 def test_unknown_vanished_and_late_streams_end_the_read(

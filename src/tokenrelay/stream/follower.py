@@ -6,8 +6,9 @@ connection while it waits. It joins without a gap: it subscribes to the hub firs
 every entry the hub reads from then on is queued for it; then it replays what Redis holds
 after its cursor with XRANGE; then it takes the queued live entries, dropping the ones the
 replay already gave. If its queue overflows (the follower fell too far behind), it goes back
-to Redis for what it missed, or, with `resume_on_lag=False`, raises ReaderLaggedError so that
-its caller (the gateway) can tell its client to reconnect.
+to Redis for what it missed; with `resume_on_lag=False` an overflow while it follows live
+raises ReaderLaggedError instead, so that its caller (the gateway) can tell its client to
+reconnect (one during a replay only makes it replay further).
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ async def follow(
                         return
                 if len(page) < PAGE:
                     break
+            if subscription.overflowed:
+                continue  # it overflowed while this follower replayed: replay on from Redis
             while not subscription.overflowed:
                 batch = await reader.take(subscription, wait)
                 fresh = [r for r in batch if id_order(r.id) > id_order(last)]

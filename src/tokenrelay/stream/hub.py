@@ -95,6 +95,11 @@ class StreamHub:
         """How many streams are being read."""
         return len(self._watches)
 
+    def read_to(self, job_id: str) -> str | None:
+        """The id of the last entry the hub has read from the job's stream (None: not read)."""
+        watch = self._watches.get(keys.token_stream(job_id))
+        return None if watch is None else watch.cursor
+
     @property
     def reads(self) -> int:
         """XREAD calls sent so far (for tests and benchmarks)."""
