@@ -11,12 +11,27 @@ LLAMA := $(shell grep -o 'llama-cpp-python\[server\]==[0-9.]*' pyproject.toml | 
 CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo; $${CC:-cc} --version | head -1; echo $(LLAMA)) | cksum | cut -d' ' -f1)
 WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tokenrelay/wheels/llama-$(LLAMA)-$(CPU_KEY)
 
-.PHONY: demo test check lint typecheck unit install bench clean
+.PHONY: demo test check lint typecheck unit install bench clean browser
 
-demo: $(STAMP)  ## run the demo: Redis, a model, a worker, one generation streamed live
-	$(BIN)/tokenrelay demo
+demo: $(STAMP)  ## run the demo: Redis, a model, a worker, the gateway, one generation live
+	$(BIN)/tokenrelay demo --stay
 
-test: check  ## every check: lint, types, the test suite
+test: browser check  ## every check: lint, types, the test suite (browser tests included)
+
+# The browser tests drive Debian's chromium through Playwright (nothing is downloaded at run
+# time). Where it is missing, it is installed with apt-get as root (CI runs as root);
+# otherwise this stops with what to do.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing Debian's chromium for the browser tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else \
+			echo "the browser tests need $(CHROMIUM): run 'sudo apt-get install -y chromium' (Debian's package)" >&2; \
+			exit 1; \
+		fi; \
+	fi
 
 check: lint typecheck unit
 
@@ -32,6 +47,7 @@ unit: $(STAMP)
 
 bench: $(STAMP)  ## the benchmarks under bench/ (results: bench/RESULTS.md)
 	$(BIN)/python -m bench.worker_bench
+	$(BIN)/python -m bench.gateway_bench
 	$(BIN)/python -m bench.local_model
 	$(BIN)/python -m bench.recovery
 

@@ -1,4 +1,5 @@
-"""Fixtures that start the real parts: a private redis-server, a scripted model server, workers.
+"""Fixtures that start the real parts: a private redis-server, a scripted model server, workers,
+the gateway.
 
 Point the tests at an existing Redis with `--redis-url` (or TOKENRELAY_TEST_REDIS_URL);
 its database is flushed before and after every test, so never point it at data you keep.
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from support.gateway import GatewayProcess, start_gateway
 from support.scripted_openai import ScriptedOpenAI
 from support.scripts import SECRET_KEY, ScriptedLLM
 from support.workers import Workers
@@ -108,3 +110,11 @@ def workers(env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
     pool = Workers(env, tmp_path)
     yield pool
     pool.stop_all()
+
+
+@pytest.fixture
+def gateway(env: dict[str, str], tmp_path: Path) -> Iterator[GatewayProcess]:
+    """A `tokenrelay serve` process on the test's Redis (pings every second), stopped after."""
+    process = start_gateway(env, tmp_path / "gateway.log")
+    yield process
+    process.stop()

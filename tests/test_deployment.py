@@ -78,3 +78,17 @@ def test_the_image_entrypoint_is_the_cli() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["tokenrelay"]' in dockerfile
     assert "pip install" in dockerfile
+
+
+def test_the_gateway_runs_as_a_service_with_its_port_published() -> None:
+    """`tokenrelay serve` listens on all addresses of its container, on the published port."""
+    gateway = tokenrelay_services()["gateway"]
+    command = gateway["command"]
+    assert command[0] == "serve"
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    port = command[command.index("--port") + 1]
+    assert gateway["ports"] == [f"{port}:{port}"]
+    assert {"TOKENRELAY_GATEWAY_API_KEYS", "TOKENRELAY_GATEWAY_SECRET"} <= set(
+        gateway["environment"]
+    )
+    assert gateway["environment"]["TOKENRELAY_REDIS_URL"] == "redis://redis:6379/0"

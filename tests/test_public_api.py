@@ -13,9 +13,11 @@ def test_all_lists_every_public_name() -> None:
 
 
 def test_the_api_is_small() -> None:
-    """The surface a user learns: submitting, handles, entries, settings and errors."""
+    """The surface a user learns: submitting, sync and async handles, entries, settings, errors."""
     assert set(tokenrelay.__all__) == {
         "Relay",
+        "AsyncRelay",
+        "AsyncJobHandle",
         "submit",
         "submit_many",
         "JobHandle",

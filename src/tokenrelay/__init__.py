@@ -11,6 +11,7 @@ from tokenrelay.errors import (
     StreamTimeoutError,
     TokenRelayError,
 )
+from tokenrelay.producer.arelay import AsyncJobHandle, AsyncRelay
 from tokenrelay.producer.handle import JobHandle, JobState, Result
 from tokenrelay.producer.relay import Relay, submit, submit_many
 from tokenrelay.settings import Settings
@@ -28,6 +29,8 @@ from tokenrelay.stream.protocol import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncJobHandle",
+    "AsyncRelay",
     "ConfigurationError",
     "EndEntry",
     "EntryKind",

@@ -11,6 +11,7 @@ TokenRelayError
 ├── JobFailedError          the job's stream ended with an `error` entry
 ├── StreamGapError          the text has a gap: a capped stream lost tokens before they were read
 ├── StreamTimeoutError      no new entry arrived within the reader's timeout
+├── ReaderLaggedError       a follower of a shared reader fell too far behind; resume from Redis
 ├── ProtocolError           a stream broke the protocol (a gap in the tokens, an unknown kind)
 ├── UnsafeJobError          a job payload names a callable other than tokenrelay's generation
 ├── StreamClosedError       the stream already has its terminal entry (cancelled, reaped)
@@ -94,6 +95,18 @@ class StreamGapError(TokenRelayError):
 
 class StreamTimeoutError(TokenRelayError, TimeoutError):
     """No new entry arrived within the reader's timeout."""
+
+
+class ReaderLaggedError(TokenRelayError):
+    """A follower of the shared reader fell so far behind that its bounded queue overflowed.
+
+    Nothing was lost: the entries are in Redis, and a read resumed after `last_id` (the last
+    entry the follower was given) gets every one of them.
+    """
+
+    def __init__(self, last_id: str) -> None:
+        super().__init__(f"the reader fell too far behind after entry {last_id}; resume from there")
+        self.last_id = last_id
 
 
 class ProtocolError(TokenRelayError):

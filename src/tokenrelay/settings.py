@@ -7,6 +7,7 @@ library code receives a `Settings` (or the values it needs) as a parameter.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, TypeVar
@@ -112,6 +113,35 @@ def _optional(raw: str) -> str | None:
     return raw or None
 
 
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError(f"must be a TCP port (1 to 65535), got {value}")
+    return value
+
+
+#: How an API key is configured: its SHA-256, never the key itself (`tokenrelay hash-key`).
+KEY_HASH_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _key_hashes(raw: str) -> tuple[str, ...]:
+    """Comma-separated API key hashes, each `sha256:` and 64 lowercase hex digits."""
+    hashes = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for i, value in enumerate(hashes):
+        if not KEY_HASH_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"entry {i + 1} is not sha256:HEX (64 hex digits): give the hash of each key, "
+                "made with `tokenrelay hash-key`, never the key itself"
+            )
+    return hashes
+
+
+def _signing_secret(raw: str) -> Secret:
+    if len(raw) < 32:
+        raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+    return Secret(raw)
+
+
 def _redis_url(raw: str) -> str:
     """A Redis URL that redis-py would not silently misread (a database that is not a number)."""
     parts = urlsplit(raw)
@@ -132,6 +162,7 @@ def _redis_url(raw: str) -> str:
 
 
 _NO_KEY = Secret("")
+_NO_KEYS: tuple[str, ...] = ()
 _MAX_TOKENS_PARAMS = _choice("auto", "both", "max_completion_tokens")
 _LOG_FORMATS = _choice("auto", "json", "console")
 _LOG_LEVELS = _choice("debug", "info", "warning", "error")
@@ -177,6 +208,18 @@ class Settings:
     redis_outage_limit: float = _env("TOKENRELAY_REDIS_OUTAGE_LIMIT", 120.0, _positive_float)
     idempotency_window: int = _env("TOKENRELAY_IDEMPOTENCY_WINDOW", 86_400, _positive_int)
     stream_maxlen: int = _env("TOKENRELAY_STREAM_MAXLEN", 0, _non_negative_int)
+    gateway_host: str = _env("TOKENRELAY_GATEWAY_HOST", "127.0.0.1")
+    gateway_port: int = _env("TOKENRELAY_GATEWAY_PORT", 8000, _port)
+    gateway_api_keys: tuple[str, ...] = _env("TOKENRELAY_GATEWAY_API_KEYS", _NO_KEYS, _key_hashes)
+    gateway_secret: Secret = _env("TOKENRELAY_GATEWAY_SECRET", _NO_KEY, _signing_secret)
+    gateway_token_ttl: int = _env("TOKENRELAY_GATEWAY_TOKEN_TTL", 86_400, _positive_int)
+    gateway_ping_interval: float = _env("TOKENRELAY_GATEWAY_PING_INTERVAL", 15.0, _positive_float)
+    gateway_send_timeout: float = _env("TOKENRELAY_GATEWAY_SEND_TIMEOUT", 30.0, _positive_float)
+    reader_queue: int = _env("TOKENRELAY_READER_QUEUE", 256, _positive_int)
+    gateway_streams_per_client: int = _env(
+        "TOKENRELAY_GATEWAY_STREAMS_PER_CLIENT", 20, _positive_int
+    )
+    gateway_max_body: int = _env("TOKENRELAY_GATEWAY_MAX_BODY", 2_097_152, _positive_int)
     log_format: LogFormat = _env("TOKENRELAY_LOG_FORMAT", "auto", _LOG_FORMATS)
     log_level: str = _env("TOKENRELAY_LOG_LEVEL", "info", _LOG_LEVELS)
 

@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from support.scripts import ScriptedLLM
+from support.sse import read_all, text_of
 
 from tokenrelay import Settings
 from tokenrelay.dev.demo import run_demo
@@ -50,10 +52,45 @@ def test_the_demo_command_streams_a_generation_with_its_consumers(
     assert done.returncode == 0, done.stderr
     assert "Streams are durable logs." in done.stdout
     assert "finished (stop): 4 tokens" in done.stderr
-    assert "tokenrelay --redis-url" in done.stderr  # how to follow it from a second terminal
+    assert "open this link in two browser tabs" in done.stderr
     [transcript] = tmp_path.glob("*.txt")
     assert transcript.read_text() == "Streams are durable logs."
     assert f'tokenrelay_jobs_finished_total{{model="{model}"}} 1.0' in done.stderr
+
+
+def test_the_demo_link_shows_the_generation_while_the_demo_stays_up(
+    env: dict[str, str], llm: ScriptedLLM, tmp_path: Path
+) -> None:
+    """With --stay, the printed link's job streams from the gateway until Ctrl-C stops all."""
+    model = llm.script(["Open ", "me ", "twice."])
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "demo", "Hi", "--stay",
+         "--transcripts", str(tmp_path)],
+        env={**env, "TOKENRELAY_MODEL": model}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert demo.stderr is not None
+    lines = []
+    for line in demo.stderr:
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    err = "".join(lines)
+    link = err.split("open this link in two browser tabs to watch it:\n[demo]     ")[1].split()[0]
+    base, _, fragment = link.partition("/watch/")
+    job_id, _, token = fragment.partition("#token=")
+    events = read_all(f"{base}/v1/jobs/{job_id}/events?token={token}")
+    assert text_of(events) == "Open me twice."
+    key = err.split("with the API key ")[1].split()[0]
+    more = httpx.post(
+        f"{base}/v1/jobs", json={"prompt": "x"}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert more.status_code == 201
+    demo.send_signal(signal.SIGINT)
+    assert demo.wait(timeout=60) == 0
+    demo.stderr.close()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base}/healthz", timeout=2)  # the gateway was stopped with the rest
 
 
 def test_the_demo_starts_a_private_redis_when_none_is_configured_or_running(

@@ -226,6 +226,28 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.gateway.server import serve
+
+    serve(settings, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def cmd_hash_key(args: argparse.Namespace, settings: Settings) -> int:
+    from tokenrelay.gateway.auth import hash_key, new_key
+
+    if args.stdin:
+        key = sys.stdin.readline().strip()
+        if not key:
+            raise InvalidRequestError("no key on standard input")
+        print(hash_key(key))
+        return EXIT_OK
+    key = new_key()
+    print(f"key:  {key}\nhash: {hash_key(key)}")
+    print("give the key to its user; put the hash in TOKENRELAY_GATEWAY_API_KEYS", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_llm_serve(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.dev.local_model import serve
 
@@ -242,5 +264,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from tokenrelay.dev.demo import run_demo
 
     return run_demo(
-        settings, prompt=args.prompt, max_tokens=args.max_tokens, transcripts=args.transcripts
+        settings,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        transcripts=args.transcripts,
+        stay=args.stay,
     )

@@ -228,6 +228,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=commands.cmd_status)
 
+    p = sub.add_parser(
+        "serve", help="serve the browser gateway: HTTP API, event streams, watch and ops pages"
+    )
+    p.add_argument("--host", help="address to listen on (env TOKENRELAY_GATEWAY_HOST)")
+    p.add_argument("--port", type=int, help="port to listen on (env TOKENRELAY_GATEWAY_PORT)")
+    p.set_defaults(run=commands.cmd_serve)
+
+    p = sub.add_parser(
+        "hash-key",
+        help="make a gateway API key (or hash one read from stdin) for TOKENRELAY_GATEWAY_API_KEYS",
+    )
+    p.add_argument("--stdin", action="store_true", help="hash the key given on stdin")
+    p.set_defaults(run=commands.cmd_hash_key)
+
     p = sub.add_parser("llm", help="a local OpenAI-compatible model server (tokenrelay[local])")
     llm = p.add_subparsers(dest="llm_command", required=True, metavar="COMMAND")
     p = llm.add_parser("serve", help="serve the bundled Gemma 3 270M (or a GGUF) on loopback")
@@ -255,6 +269,11 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("transcripts"),
         help="where the demo's recorder writes (default ./transcripts)",
+    )
+    p.add_argument(
+        "--stay",
+        action="store_true",
+        help="after the generation, keep everything (the gateway and its pages) up until Ctrl-C",
     )
     p.set_defaults(run=commands.cmd_demo)
     return top

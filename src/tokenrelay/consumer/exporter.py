@@ -37,7 +37,7 @@ from tokenrelay.consumer.metrics import (
     MetricsAggregator,
     bucket_label,
 )
-from tokenrelay.outage import REDIS_DOWN, Outage
+from tokenrelay.outage import Outage, is_down
 from tokenrelay.settings import Settings
 from tokenrelay.stream import keys
 from tokenrelay.stream.events import group_lags
@@ -137,7 +137,9 @@ class RedisCollector(Collector):
         families: list[Metric] = []
         try:
             families = list(self._families())
-        except REDIS_DOWN as exc:
+        except Exception as exc:
+            if not is_down(exc):
+                raise
             self.outage.failed(exc)
         else:
             self.outage.ok()
@@ -322,11 +324,11 @@ def _summarize(
     while not done.wait(interval):
         try:
             snap = snapshot(client)
-        except REDIS_DOWN as exc:  # logged once for the whole outage
-            outage.failed(exc)
-            continue
-        except Exception:  # a summary that failed once may work next time; the consumer decides
-            log.warning("metrics.summary_failed", exc_info=True)
+        except Exception as exc:
+            if is_down(exc):  # logged once for the whole outage
+                outage.failed(exc)
+            else:  # a summary that failed once may work next time; the consumer decides
+                log.warning("metrics.summary_failed", exc_info=True)
             continue
         if out.isatty():
             out.write(render_summary(snap, tty=True) + "\n\n")

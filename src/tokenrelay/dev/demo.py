@@ -1,9 +1,12 @@
-"""The demo: start whatever is missing (Redis, a worker), run one generation, show it live."""
+"""The demo: start whatever is missing (Redis, a model, a worker, the consumers, the gateway),
+run one generation, show it live in the terminal and give the link that shows it in a browser."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,12 +26,14 @@ from tokenrelay.dev.local_model import MODEL_NAME, LocalModelServer
 from tokenrelay.dev.processes import free_port, stop_process
 from tokenrelay.dev.redis_server import RedisServer
 from tokenrelay.errors import ConfigurationError, LocalModelError, RedisUnavailableError
+from tokenrelay.gateway.auth import ReadTokens, hash_key, new_key
 from tokenrelay.producer.relay import Relay
 from tokenrelay.settings import DEFAULT_REDIS_URL, Settings, redact_url
 from tokenrelay.stream.protocol import EndEntry
 from tokenrelay.terminal import printable
 
 _CONSUMER_WAIT = 10.0
+_GATEWAY_WAIT = 30.0
 _FINISHED = "tokenrelay_jobs_finished_total"
 
 
@@ -104,6 +109,55 @@ def _child(
         stop_process(process, grace=30)
 
 
+def _gateway_port(settings: Settings) -> int:
+    """The configured gateway port if it is free, else a free one."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((settings.gateway_host, settings.gateway_port))
+        except OSError:
+            return free_port()
+    return settings.gateway_port
+
+
+def _wait_for_gateway(url: str, process: subprocess.Popen[bytes]) -> None:
+    """Wait until the gateway answers, or say it did not start."""
+    deadline = time.monotonic() + _GATEWAY_WAIT
+    while time.monotonic() < deadline and process.poll() is None:
+        with suppress(OSError):
+            # S310: the URL is our own gateway's, on this machine.
+            urllib.request.urlopen(f"{url}/healthz", timeout=2).close()  # noqa: S310
+            return
+        time.sleep(0.1)
+    raise ConfigurationError(f"the gateway did not start at {url}: see the log above")
+
+
+def _gateway(
+    settings: Settings, stack: ExitStack, env: dict[str, str], log_file: IO[str]
+) -> tuple[str, ReadTokens, str]:
+    """The gateway, with a fresh API key and signing secret; its URL, token maker and key."""
+    key, secret = new_key(), secrets.token_hex(32)
+    port = _gateway_port(settings)
+    gateway_env = {
+        **env,
+        "TOKENRELAY_GATEWAY_API_KEYS": hash_key(key),
+        "TOKENRELAY_GATEWAY_SECRET": secret,
+    }
+    args = ["serve", "--host", settings.gateway_host, "--port", str(port)]
+    process = stack.enter_context(_child("gateway", args, gateway_env, log_file))
+    url = f"http://{settings.gateway_host}:{port}"
+    _wait_for_gateway(url, process)
+    return url, ReadTokens(secret.encode(), settings.gateway_token_ttl), key
+
+
+def _stay(url: str, key: str) -> None:
+    """Keep everything up for the browser until Ctrl-C (or SIGTERM)."""
+    _say(f"everything stays up: submit more at {url}/ with the API key {key}")
+    _say(f"the ops page: {url}/ops (same key). Ctrl-C stops everything.")
+    with suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
+
+
 def _consumers_report(job_id: str, transcripts: Path, metrics_url: str) -> None:
     """Wait briefly for the recorder and the aggregator to see the job; say what they saw."""
     deadline = time.monotonic() + _CONSUMER_WAIT
@@ -135,8 +189,10 @@ def run_demo(
     max_tokens: int,
     transcripts: Path = Path("transcripts"),
     default_redis_url: str = DEFAULT_REDIS_URL,
+    stay: bool = False,
 ) -> int:
-    """Run the demo end to end; stops everything it started. The exit code."""
+    """Run the demo end to end; stops everything it started (with `stay`, on Ctrl-C once the
+    generation is over, so that the browser can go on using the gateway). The exit code."""
     # SIGTERM and SIGHUP unwind like Ctrl-C, so that everything started here is stopped.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
@@ -147,17 +203,19 @@ def run_demo(
         log_file = stack.enter_context(
             tempfile.NamedTemporaryFile("w", prefix="tokenrelay-demo-", suffix=".log", delete=False)
         )
-        _say(f"logs of the worker and the consumers: {log_file.name}")
+        _say(f"logs of the worker, the consumers and the gateway: {log_file.name}")
         port = free_port()
         stack.enter_context(_child("worker", ["worker"], env, log_file))
         recorder = ["record", "--dir", str(transcripts)]
         stack.enter_context(_child("recorder", recorder, env, log_file))
         metrics = ["metrics", "--port", str(port), "--interval", "0"]
         stack.enter_context(_child("metrics", metrics, env, log_file))
+        site, tokens, key = _gateway(settings, stack, env, log_file)
         relay = stack.enter_context(Relay(connect(url), settings.with_overrides(redis_url=url)))
         handle = relay.submit(prompt, max_tokens=max_tokens)
-        _say(f"job {handle.job_id} submitted; follow it from another terminal with:")
-        _say(f"    tokenrelay --redis-url {redact_url(url)} watch {handle.job_id}")
+        token, _ = tokens.mint(handle.job_id)
+        _say(f"job {handle.job_id} submitted; open this link in two browser tabs to watch it:")
+        _say(f"    {site}/watch/{handle.job_id}#token={token}")
         print(f"\n> {prompt}\n", flush=True)
         try:
             entry = view(handle, sys.stdout, timeout=settings.job_timeout)
@@ -168,9 +226,11 @@ def run_demo(
         _consumers_report(handle.job_id, transcripts, f"http://127.0.0.1:{port}/metrics")
         if isinstance(entry, EndEntry):
             _say(_summary(entry))
-            return 0
-        _say(f"failed: {entry.error_type}: {printable(entry.message)}")
-        if server is not None:
-            server.check_alive()  # a crashed model server says how it died, with its log
-        return 1
+        else:
+            _say(f"failed: {entry.error_type}: {printable(entry.message)}")
+            if server is not None:
+                server.check_alive()  # a crashed model server says how it died, with its log
+        if stay:
+            _stay(site, key)
+        return 0 if isinstance(entry, EndEntry) else 1
     raise AssertionError("unreachable")  # pragma: no cover

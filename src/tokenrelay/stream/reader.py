@@ -43,18 +43,18 @@ MAX_BLOCK = 2.0
 OUTAGE_LIMIT: float = Settings.redis_outage_limit
 
 
-def _prev(entry_id: str) -> str:
+def id_before(entry_id: str) -> str:
     """The id just before `entry_id`, so that XREAD returns `entry_id` itself."""
     ms, seq = (int(part) for part in entry_id.split("-"))
     return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
 
 
-def _order(entry_id: str) -> tuple[int, int]:
+def id_order(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
 
-def _entries(raw: Any) -> list[Record]:
+def raw_records(raw: Any) -> list[Record]:
     """Records from raw stream entries: [id, fields] pairs, fields a flat list or a map."""
     pairs = []
     for entry_id, fields in raw or []:
@@ -69,11 +69,11 @@ def _xread_entries(raw: Any) -> list[Record]:
     if not raw:
         return []
     if isinstance(raw, dict):
-        return [r for entries in raw.values() for r in _entries(entries)]
-    return [r for _, entries in raw for r in _entries(entries)]
+        return [r for entries in raw.values() for r in raw_records(entries)]
+    return [r for _, entries in raw for r in raw_records(entries)]
 
 
-def _capped(maxlen: Any) -> bool:
+def is_capped(maxlen: Any) -> bool:
     """Whether a state hash's `maxlen` field (None when absent) gives the stream a length cap."""
     return maxlen is not None and int(text(maxlen)) > 0
 
@@ -139,11 +139,11 @@ class _Follower:
         """Where a live reader starts: after the newest entry, or just before it if it ends
         the stream (a live reader of an ended stream is still given its terminal entry)."""
         with self.channel:
-            newest = _entries(self.channel.call("XREVRANGE", self.key, "+", "-", "COUNT", 1))
+            newest = raw_records(self.channel.call("XREVRANGE", self.key, "+", "-", "COUNT", 1))
         if not newest:
             return BEGINNING
         entry = newest[0]
-        return _prev(entry.id) if is_terminal(entry.entry) else entry.id
+        return id_before(entry.id) if is_terminal(entry.entry) else entry.id
 
     def follow(self, after: str) -> Iterator[Record]:
         with self.channel:
@@ -161,7 +161,7 @@ class _Follower:
                 if check is None:  # the stream has begun: its state says if it is capped
                     maxlen = self.channel.call("HGET", self.state_key, StateField.MAXLEN.value)
                     check = StreamCheck(
-                        self.key, from_start=after == BEGINNING, capped=_capped(maxlen)
+                        self.key, from_start=after == BEGINNING, capped=is_capped(maxlen)
                     )
                 for record in batch:
                     yield from _checked(check, record, last)
@@ -191,7 +191,7 @@ class _Follower:
         if not self.channel.call("EXISTS", *self.alive_keys):
             raise StreamExpiredError(f"{self.key} is gone: it expired or was deleted")
         end = self.channel.call("HGET", self.state_key, StateField.END.value)
-        return end is not None and _order(last) >= _order(text(end))
+        return end is not None and id_order(last) >= id_order(text(end))
 
 
 def scan_stream(client: Redis, job_id: str, *, page: int = PAGE) -> Iterator[Record]:
@@ -203,7 +203,7 @@ def scan_stream(client: Redis, job_id: str, *, page: int = PAGE) -> Iterator[Rec
     """
     key = keys.token_stream(job_id)
     maxlen = client.hget(keys.stream_state(job_id), StateField.MAXLEN.value)
-    check = StreamCheck(key, capped=_capped(maxlen))
+    check = StreamCheck(key, capped=is_capped(maxlen))
     start, last = "-", BEGINNING
     while True:
         batch = records(client.xrange(key, min=start, count=page))

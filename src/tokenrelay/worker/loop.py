@@ -40,7 +40,7 @@ from tokenrelay.errors import (
     WorkerShutdownError,
     WriterFencedError,
 )
-from tokenrelay.outage import REDIS_DOWN, retry
+from tokenrelay.outage import is_down, retry
 from tokenrelay.settings import Settings
 from tokenrelay.stream.batcher import StreamBatcher
 from tokenrelay.stream.lease_scripts import Claim
@@ -178,12 +178,11 @@ class WorkerLoop:
                 continue
             try:
                 taken = await self.intake.take(min(free, DEQUEUE_BATCH), self.stopping)
-            except REDIS_DOWN as exc:  # Redis is away: look again soon
-                self.redis_down(exc)
-                await _within(self.stopping.wait(), RETRY_DELAY)
-                continue
-            except Exception:  # the queue could not be read: look again soon
-                log.exception("worker.dequeue_failed")
+            except Exception as exc:  # Redis is away, or the queue could not be read
+                if is_down(exc):
+                    self.redis_down(exc)
+                else:
+                    log.exception("worker.dequeue_failed")
                 await _within(self.stopping.wait(), RETRY_DELAY)
                 continue
             self.outage.ok()
