@@ -36,7 +36,7 @@ from bench.machine import describe
 from bench.model_server import token_sent_at
 from bench.report import record
 from bench.rig import Rig, cpu_seconds, percentile, resident_kb, rig
-from tokenrelay import EndEntry, JobHandle, Relay, StartEntry, TokenEntry
+from tokenrelay import AsyncRelay, EndEntry, JobHandle, Relay, Settings, StartEntry, TokenEntry
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # small sizes, to try the benchmark itself out
 ONE_STREAM_TOKENS = 2_000 if QUICK else 20_000
@@ -128,22 +128,24 @@ def _most_at_once(relay: Relay, handles: list[JobHandle]) -> int:
     return most
 
 
-def _follow(handles: list[JobHandle]) -> list[float]:
-    """Reader threads, one a job: each token's delay from leaving the model to being read."""
-    delays: list[list[float]] = [[] for _ in handles]
+def _follow(rig_: Rig, handles: list[JobHandle]) -> list[float]:
+    """Each token's delay from leaving the model to a reader having it: one reader of every
+    job, as an application follows many (`AsyncRelay`: one shared XREAD for all of them)."""
 
-    def read(index: int, handle: JobHandle) -> None:
-        for entry in handle.records(timeout=600):
-            if isinstance(entry.entry, TokenEntry):
-                now = time.time()
-                delays[index] += [now - sent for sent in token_sent_at(entry.entry.text)]
+    async def follow_all() -> list[float]:
+        delays: list[float] = []
+        async with AsyncRelay.from_env(Settings.from_env(rig_.env)) as relay:
 
-    threads = [threading.Thread(target=read, args=(i, h)) for i, h in enumerate(handles)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return [d for reader in delays for d in reader]
+            async def read(job_id: str) -> None:
+                async for record in relay.job(job_id).arecords(timeout=600):
+                    if isinstance(record.entry, TokenEntry):
+                        now = time.time()
+                        delays.extend(now - sent for sent in token_sent_at(record.entry.text))
+
+            await asyncio.gather(*(read(h.job_id) for h in handles))
+        return delays
+
+    return asyncio.run(follow_all())
 
 
 def many_streams(rig_: Rig, count: int) -> dict[str, float]:
@@ -166,7 +168,7 @@ def many_streams(rig_: Rig, count: int) -> dict[str, float]:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        delays = _follow(handles) if count <= 100 else []
+        delays = _follow(rig_, handles) if count <= 100 else []
         totals = [_tokens(h) for h in handles]
         elapsed = time.perf_counter() - started
         sampling = False
