@@ -22,15 +22,13 @@ from redis import asyncio as aioredis
 from rq.job import Job
 
 from tokenrelay.connection import async_client_for, client_for
-from tokenrelay.errors import JobFailedError, StreamGapError
-from tokenrelay.producer.handle import JobHandle, JobState, Result
+from tokenrelay.producer.handle import JobHandle, JobState, Outcome, Result, token_of
 from tokenrelay.producer.relay import Relay
 from tokenrelay.settings import Settings
 from tokenrelay.stream.follower import follow
 from tokenrelay.stream.hub import StreamHub
-from tokenrelay.stream.protocol import EndEntry, ErrorEntry, GapEntry, Record, TokenEntry
+from tokenrelay.stream.protocol import Record
 from tokenrelay.stream.reader import BEGINNING
-from tokenrelay.stream.text import Transcript
 
 
 class AsyncJobHandle:
@@ -69,24 +67,17 @@ class AsyncJobHandle:
     ) -> AsyncIterator[str]:
         """The generated text, token by token, as it arrives (as `JobHandle.tokens`)."""
         async for _, entry in self.arecords(after=after, timeout=timeout):
-            if isinstance(entry, TokenEntry):
-                yield entry.text
-            elif isinstance(entry, GapEntry):
-                raise StreamGapError(entry.first_seq, entry.last_seq)
-            elif isinstance(entry, ErrorEntry):
-                raise JobFailedError(entry)
+            token = token_of(entry)
+            if token is not None:
+                yield token
 
     async def aresult(self, timeout: float | None = None) -> Result:
         """Wait for the job to end; its final text and `end` entry, or JobFailedError."""
-        transcript = Transcript()
+        outcome = Outcome(self.job_id)
         async for _, entry in self.arecords(timeout=timeout):
-            if isinstance(entry, GapEntry):
-                raise StreamGapError(entry.first_seq, entry.last_seq)
-            if isinstance(entry, ErrorEntry):
-                raise JobFailedError(entry)
-            if isinstance(entry, EndEntry):
-                return Result(self.job_id, transcript.text, entry)
-            transcript.add(entry)
+            result = outcome.take(entry)
+            if result is not None:
+                return result
         raise AssertionError("follow ends only after a terminal entry")  # pragma: no cover
 
     async def atext(self, timeout: float | None = None) -> str:

@@ -21,6 +21,7 @@ from tokenrelay.stream import keys
 from tokenrelay.stream.protocol import (
     CANCELLED,
     EndEntry,
+    Entry,
     ErrorEntry,
     Event,
     GapEntry,
@@ -85,6 +86,39 @@ class Result:
     end: EndEntry
 
 
+def token_of(entry: Entry) -> str | None:
+    """The text a token entry brings; raises for what ends a reader's tokens badly (an `error`
+    entry, a gap), None for the rest. The one rule of `tokens()` and `atokens()`."""
+    if isinstance(entry, TokenEntry):
+        return entry.text
+    if isinstance(entry, GapEntry):
+        raise StreamGapError(entry.first_seq, entry.last_seq)
+    if isinstance(entry, ErrorEntry):
+        raise JobFailedError(entry)
+    return None
+
+
+class Outcome:
+    """A job's entries, taken in order, to its `Result`: the one rule of `result()` and
+    `aresult()`. The text is the final one (a restarted attempt voids the text before)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self._transcript = Transcript()
+
+    def take(self, entry: Entry) -> Result | None:
+        """The result, once `entry` ends the job well; raises JobFailedError on `error` and
+        StreamGapError where a capped stream lost tokens before they were read."""
+        if isinstance(entry, GapEntry):
+            raise StreamGapError(entry.first_seq, entry.last_seq)
+        if isinstance(entry, ErrorEntry):
+            raise JobFailedError(entry)
+        if isinstance(entry, EndEntry):
+            return Result(self.job_id, self._transcript.text, entry)
+        self._transcript.add(entry)
+        return None
+
+
 class JobHandle:
     """One submitted job, identified by its id; cheap to create for any id."""
 
@@ -131,12 +165,9 @@ class JobHandle:
         entries between them, and `text()` gives the final text alone.
         """
         for _, entry in self.records(after=after, timeout=timeout):
-            if isinstance(entry, TokenEntry):
-                yield entry.text
-            elif isinstance(entry, GapEntry):
-                raise StreamGapError(entry.first_seq, entry.last_seq)
-            elif isinstance(entry, ErrorEntry):
-                raise JobFailedError(entry)
+            token = token_of(entry)
+            if token is not None:
+                yield token
 
     def result(self, timeout: float | None = None) -> Result:
         """Wait for the job to end; its text and `end` entry, or JobFailedError.
@@ -145,15 +176,11 @@ class JobHandle:
         failed had generated is void. Raises StreamGapError if tokens were lost to the
         stream's length cap before they were read.
         """
-        transcript = Transcript()
+        outcome = Outcome(self.job_id)
         for _, entry in self.records(timeout=timeout):
-            if isinstance(entry, GapEntry):
-                raise StreamGapError(entry.first_seq, entry.last_seq)
-            if isinstance(entry, ErrorEntry):
-                raise JobFailedError(entry)
-            if isinstance(entry, EndEntry):
-                return Result(self.job_id, transcript.text, entry)
-            transcript.add(entry)
+            result = outcome.take(entry)
+            if result is not None:
+                return result
         raise AssertionError("read_stream ends only after a terminal entry")  # pragma: no cover
 
     def text(self, timeout: float | None = None) -> str:
