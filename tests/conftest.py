@@ -7,6 +7,7 @@ its database is flushed before and after every test, so never point it at data y
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("TOKENRELAY_TEST_REDIS_URL"),
         help="use this Redis instead of starting one (it is flushed by every test)",
     )
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Collect garbage after each test, so that a connection a test leaves open fails that
+    test (with the filterwarnings=error setting), not whichever test the collector next runs in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

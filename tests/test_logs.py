@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 
+import pytest
 import structlog
 from support.scripts import ScriptedLLM
 from support.workers import Workers
@@ -37,12 +38,13 @@ def test_the_console_format_prints_tracebacks_without_local_variables() -> None:
     assert "confidential" not in text.lower()
 
 
-def test_a_failed_job_leaves_its_prompt_out_of_a_console_log(
-    relay: Relay, llm: ScriptedLLM, workers: Workers
+@pytest.mark.parametrize("log_format", ["console", "json"])
+def test_a_failed_job_leaves_its_prompt_out_of_the_log(
+    log_format: str, relay: Relay, llm: ScriptedLLM, workers: Workers
 ) -> None:
-    """A worker logging to a console, with `rich` installed, writes no part of the prompt."""
+    """A worker logging as text (with `rich` installed) or as JSON writes no part of the prompt."""
     relay.submit("a confidential prompt", model=llm.script(status=500))
-    worker = workers.run_burst(env={"TOKENRELAY_LOG_FORMAT": "console"})
+    worker = workers.run_burst(env={"TOKENRELAY_LOG_FORMAT": log_format})
     text = worker.log_path.read_text()
     assert "job.failed" in text
     assert "confidential" not in text

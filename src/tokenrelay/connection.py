@@ -139,10 +139,14 @@ def connect(
         )
     except ValueError as exc:
         raise RedisUnavailableError(f"invalid Redis URL {redact_url(url)}: {exc}") from None
-    client = Redis(connection_pool=pool)
+    client = Redis.from_pool(pool)  # the client owns its pool: closing it closes the sockets
     if check:
-        with redis_errors(url):
-            client.ping()
+        try:
+            with redis_errors(url):
+                client.ping()
+        except BaseException:
+            client.close()
+            raise
     return client
 
 

@@ -58,6 +58,31 @@ def test_models_load_without_extra_buffers_exactly_where_amx_is_compiled_in() ->
     assert extra_buffers == str(amx == "False")
 
 
+def test_the_configuration_for_amx_builds_loads_and_answers_on_any_machine() -> None:
+    """Where AMX is compiled in, models load with extra buffer types off: that configuration is
+    run here on every machine (forced on), through the launcher's own hook, and must answer."""
+    probe = (
+        "import llama_cpp, llama_cpp.llama_cpp as c, tokenrelay.dev.llama_server as s, sys;"
+        "s.AMX_COMPILED_IN = True;"
+        "c.llama_model_default_params = s.model_params;"  # what s.main() installs
+        "print(s.model_params().use_extra_bufts);"
+        "m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=False);"
+        "print(m.model_params.use_extra_bufts);"
+        "print(repr(m.create_completion('The sky is', max_tokens=4, temperature=0)"
+        "['choices'][0]['text']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(bundled_model_path())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]  # a crash (SIGSEGV) is -11
+    hooked, loaded_with, answer = done.stdout.splitlines()[-3:]
+    assert (hooked, loaded_with) == ("False", "False")
+    assert answer.strip("'\"").strip()
+
+
 @pytest.fixture
 def local_workers(
     env: dict[str, str], tmp_path: Path, server: LocalModelServer

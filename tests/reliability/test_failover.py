@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 
 import pytest
 from redis import Redis
@@ -70,6 +71,7 @@ def test_a_redis_busy_with_a_long_script_delays_the_text_but_loses_nothing(
     script = threading.Thread(target=busy.eval, args=(spin, 0), daemon=True)
     script.start()  # two seconds of BUSY for everyone else
     script.join(timeout=30)
+    busy.close()
     assert handle.text(timeout=60) == TEXT
     assert [type(e) for e in terminal_entries(client, handle.job_id)] == [EndEntry]
 
@@ -78,9 +80,8 @@ def test_a_start_delayed_past_a_lease_renewal_does_not_end_the_job(
     own_redis: RedisServer, env: dict[str, str], llm: ScriptedLLM, workers: Workers
 ) -> None:
     """A renewal is only for a stream the worker holds: one still being begun is left alone."""
-    with LossyProxy(own_redis.port) as proxy:
+    with LossyProxy(own_redis.port) as proxy, closing(connect(own_redis.url)) as client:
         env["TOKENRELAY_REDIS_URL"] = workers.env["TOKENRELAY_REDIS_URL"] = proxy.url
-        client = connect(own_redis.url)
         handle = Relay(client, Settings.from_env(env)).submit(
             "tell me", model=llm.script(WORDS[:10], token_delay=0.05)
         )

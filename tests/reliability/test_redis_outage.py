@@ -68,8 +68,13 @@ class Attached:
         return sum(float(line.rsplit(" ", 1)[1]) for line in counts)
 
 
-def redis_on(server: RedisServer) -> Redis:
-    return connect(server.url)
+@pytest.fixture
+def clients() -> Iterator[list[Redis]]:
+    """The test's own clients of its Redis, closed when it ends."""
+    opened: list[Redis] = []
+    yield opened
+    for client in opened:
+        client.close()
 
 
 @pytest.fixture
@@ -86,11 +91,12 @@ def volatile_redis() -> Iterator[RedisServer]:
         yield server
 
 
-def on(server: RedisServer, env: dict[str, str], workers: Workers) -> Relay:
+def on(server: RedisServer, env: dict[str, str], workers: Workers, clients: list[Redis]) -> Relay:
     """Point the test's processes (and a producer) at `server`."""
     env["TOKENRELAY_REDIS_URL"] = server.url
     workers.env["TOKENRELAY_REDIS_URL"] = server.url
-    return Relay(redis_on(server), Settings.from_env(env))
+    clients.append(connect(server.url))
+    return Relay(clients[-1], Settings.from_env(env))
 
 
 def outage(server: RedisServer, seconds: float) -> None:
@@ -111,11 +117,12 @@ def test_every_process_rides_out_a_redis_outage_mid_stream_and_all_agree(
     env: dict[str, str],
     llm: ScriptedLLM,
     workers: Workers,
+    clients: list[Redis],
     tmp_path: Path,
     seconds: float,
 ) -> None:
     """Stopped for 5 s (and 30 s) mid-stream: every reader gets the whole text, once."""
-    relay = on(persistent_redis, env, workers)
+    relay = on(persistent_redis, env, workers, clients)
     handle = relay.submit("tell me", model=llm.script(WORDS, token_delay=0.1))
     attached = Attached(workers, handle, tmp_path / "transcripts")
     wait_for_tokens(handle, 15)
@@ -128,7 +135,7 @@ def test_every_process_rides_out_a_redis_outage_mid_stream_and_all_agree(
     attached.reader.join(timeout=60)
     assert attached.read_error is None
     assert "".join(attached.read) == TEXT
-    client = redis_on(persistent_redis)
+    client = relay.redis
     assert [type(e) for e in terminal_entries(client, handle.job_id)] == [EndEntry]
     transcript = attached.transcripts / f"{handle.job_id}.txt"
     wait_until(transcript.exists, timeout=60, what="the recorder's transcript")
@@ -151,10 +158,11 @@ def test_without_persistence_data_is_lost_but_every_process_lives_and_the_next_j
     env: dict[str, str],
     llm: ScriptedLLM,
     workers: Workers,
+    clients: list[Redis],
     tmp_path: Path,
 ) -> None:
     """Redis comes back empty: readers of the lost job are told it is gone; nothing hangs."""
-    relay = on(volatile_redis, env, workers)
+    relay = on(volatile_redis, env, workers, clients)
     handle = relay.submit("tell me", model=llm.script(WORDS, token_delay=0.1))
     attached = Attached(workers, handle, tmp_path / "transcripts")
     wait_for_tokens(handle, 15)
@@ -185,6 +193,7 @@ def test_past_the_outage_limit_viewers_give_up_clearly_and_the_job_is_taken_over
     env: dict[str, str],
     llm: ScriptedLLM,
     workers: Workers,
+    clients: list[Redis],
 ) -> None:
     """An outage longer than TOKENRELAY_REDIS_OUTAGE_LIMIT: a viewer exits 1 saying why; the
     worker lives on, and its job, given up for the outage, is taken over once Redis is back."""
@@ -193,7 +202,7 @@ def test_past_the_outage_limit_viewers_give_up_clearly_and_the_job_is_taken_over
         "TOKENRELAY_LEASE_TTL": "1.5",
         "TOKENRELAY_TAKEOVER_AFTER": "0.5",
     }
-    relay = on(persistent_redis, env, workers)
+    relay = on(persistent_redis, env, workers, clients)
     handle = relay.submit("tell me", model=llm.script(WORDS, token_delay=0.1))
     worker = workers.start(env=short)
     viewer = workers.command("watch", handle.job_id, env=short)

@@ -118,12 +118,17 @@ def persistent_redis() -> Iterator[RedisServer]:
 
 
 def test_a_generation_that_outlives_what_an_outage_may_hold_back_is_continued(
-    persistent_redis: RedisServer, env: dict[str, str], llm: ScriptedLLM, workers: Workers
+    request: pytest.FixtureRequest,
+    persistent_redis: RedisServer,
+    env: dict[str, str],
+    llm: ScriptedLLM,
+    workers: Workers,
 ) -> None:
     """Past TOKENRELAY_MAX_HELD_TOKENS during an outage the attempt ends; once Redis is back
     its held tokens are written and the next attempt goes on from them."""
     env["TOKENRELAY_REDIS_URL"] = workers.env["TOKENRELAY_REDIS_URL"] = persistent_redis.url
     client = connect(persistent_redis.url)
+    request.addfinalizer(client.close)
     relay = Relay(client, Settings.from_env(env))
     handle = relay.submit("hi", model=llm.script(WORDS, token_delay=0.05))
     workers.start(env={"TOKENRELAY_MAX_HELD_TOKENS": "10", "TOKENRELAY_RETRY_DELAY": "0.05"})

@@ -117,13 +117,13 @@ def test_a_fresh_reader_of_a_frozen_redis_still_times_out_on_time(
 ) -> None:
     """A reader that starts (and connects) while Redis is stopped keeps its deadline too."""
     begun(frozen_client, "cold")
-    relay = Relay(connect(own_redis.url, check=False), settings)  # no connection made yet
-    assert own_redis.pid is not None
-    os.kill(own_redis.pid, signal.SIGSTOP)
-    started = time.monotonic()
-    with pytest.raises(StreamTimeoutError):
-        relay.job("cold").result(timeout=2)
-    assert time.monotonic() - started < 2.5
+    with Relay(connect(own_redis.url, check=False), settings) as relay:  # not connected yet
+        assert own_redis.pid is not None
+        os.kill(own_redis.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(StreamTimeoutError):
+            relay.job("cold").result(timeout=2)
+        assert time.monotonic() - started < 2.5
 
 
 def test_resuming_after_the_terminal_entry_returns_at_once(redis_client: Redis) -> None:

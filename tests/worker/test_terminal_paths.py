@@ -29,6 +29,7 @@ from tokenrelay import (
     Settings,
     TokenEntry,
 )
+from tokenrelay.dev.processes import free_port
 from tokenrelay.outage import Outage
 from tokenrelay.stream.protocol import parse_event
 from tokenrelay.worker.rq_job import RelayJob
@@ -176,6 +177,24 @@ def test_a_dropped_connection_is_an_error_that_names_what_happened(
     assert error.message.startswith("Connection error talking to the model server at http://")
     assert "RemoteProtocolError" in error.message  # what actually happened to the connection
     assert_untouched(redis_client, neighbours)
+
+
+def test_a_model_server_that_is_not_there_is_named_in_the_error(
+    relay: Relay, workers: Workers, redis_client: Redis
+) -> None:
+    """A dead (or never started) model server: the error names its address and the refusal,
+    not only the OpenAI client's bare 'Connection error.'."""
+    handle = relay.submit("hi")
+    port = free_port()  # nothing listens there
+    workers.run_burst(env={"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"})
+    error = the_error(redis_client, handle)
+    assert error.error_type == "OpenAIConnectionError"
+    assert error.retryable
+    assert error.message.startswith(
+        f"Connection error talking to the model server at http://127.0.0.1:{port}: "
+        "ConnectionRefusedError"
+    )
+    assert rq_status(redis_client, handle.job_id) == "failed"
 
 
 def test_a_job_timeout_ends_that_job_while_the_others_go_on(
