@@ -13,10 +13,12 @@ import pytest
 from redis import Redis
 from support.gateway import API_KEY, OTHER_KEY, SECRET, GatewayProcess, auth, start_gateway
 from support.scripts import ScriptedLLM
+from support.sse import read_all
 from support.workers import Workers
 
 from tokenrelay import InvalidRequestError, Relay
 from tokenrelay.gateway.auth import ReadTokens
+from tokenrelay.stream import keys
 
 
 def test_a_job_link_without_a_valid_token_is_refused_revealing_nothing(
@@ -179,6 +181,61 @@ def test_too_many_open_streams_from_one_address_are_refused(
             second.close()
     finally:
         gateway.stop()
+
+
+def test_a_stream_that_fails_to_open_gives_its_place_back(
+    env: dict[str, str], tmp_path: Any, redis_client: Redis
+) -> None:
+    """An unexpected failure while a stream opens (here a key of the wrong type) is an error
+    for that request, and never uses up the address's places."""
+    gateway = start_gateway(env, tmp_path / "gw.log", TOKENRELAY_GATEWAY_STREAMS_PER_CLIENT="1")
+    try:
+        redis_client.set(keys.token_stream("wrongtype"), "not a stream")
+        url = f"{gateway.url}/v1/jobs/wrongtype/events"
+        for _ in range(3):  # failing as it opens: an error answer
+            response = httpx.get(f"{url}?live=1", headers=auth(API_KEY), timeout=10)
+            assert response.status_code == 500
+        for _ in range(3):  # failing once open: a `failure` event ends the stream
+            [failure] = read_all(url, headers=auth(API_KEY))
+            assert failure.event == "failure"
+            assert failure.json["error_type"] == "GatewayError"
+    finally:
+        gateway.stop()
+
+
+def test_an_api_key_is_never_taken_from_the_url(
+    gateway: GatewayProcess, llm: ScriptedLLM, workers: Workers
+) -> None:
+    """URLs end up in proxy logs and browser history: API keys go in the header only."""
+    created = gateway.submit(prompt="x", model=llm.script(["a"]))
+    workers.run_burst()
+    in_url = f"?token={API_KEY}"
+    assert httpx.get(f"{gateway.url}/v1/status{in_url}", timeout=10).status_code == 401
+    submitted = httpx.post(f"{gateway.url}/v1/jobs{in_url}", json={"prompt": "x"}, timeout=10)
+    assert submitted.status_code == 401
+    watched = httpx.get(f"{gateway.url}/v1/jobs/{created['job_id']}{in_url}", timeout=10)
+    assert watched.status_code == 403
+    assert httpx.get(f"{gateway.url}/v1/status", headers=auth(API_KEY)).status_code == 200
+
+
+def test_an_ended_job_whose_stream_is_gone_still_has_a_status(
+    gateway: GatewayProcess, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """RQ's record outlives the stream: the status says the job finished, and why there is no
+    text, at once (not after a read that waits for a stream that will never come)."""
+    created = gateway.submit(prompt="x", model=llm.script(["a"]))
+    workers.run_burst()
+    redis_client.delete(keys.token_stream(created["job_id"]))
+    started = time.monotonic()
+    status = httpx.get(
+        f"{gateway.url}/v1/jobs/{created['job_id']}", headers=auth(API_KEY), timeout=30
+    )
+    assert time.monotonic() - started < 5
+    assert status.status_code == 200
+    body = status.json()
+    assert body["state"] == "finished"
+    assert "text" not in body
+    assert body["unreadable"]["error_type"] == "StreamExpiredError"
 
 
 def test_cancel_needs_an_api_key_and_ends_the_stream_as_cancelled(

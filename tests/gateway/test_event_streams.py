@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import httpx
 from redis import Redis
 from support.gateway import API_KEY, GatewayProcess, auth
@@ -74,6 +76,21 @@ def test_resuming_after_the_terminal_entry_answers_no_content(
     assert last.id is not None
     response = httpx.get(url, headers={"Last-Event-ID": last.id}, timeout=10)
     assert response.status_code == 204
+
+
+def test_a_cursor_that_is_not_a_redis_entry_id_is_a_400(
+    gateway: GatewayProcess, llm: ScriptedLLM, workers: Workers
+) -> None:
+    """Other digits than ASCII, parts past 64 bits, or no id at all: refused before a read."""
+    created = gateway.submit(prompt="x", model=llm.script(["a", "b"]))
+    workers.run_burst()
+    url = events_url(gateway, created)
+    for cursor in ("\u0661-\u0661", f"{2**64}-0", f"0-{2**64}", "1-", "-1", "12"):
+        response = httpx.get(f"{url}&after={quote(cursor)}", timeout=10)
+        assert response.status_code == 400, cursor
+        assert response.json()["error"]["type"] == "bad_request"
+    largest = f"{2**64 - 1}-{2**64 - 1}"  # a real id, after every entry: the stream has ended
+    assert httpx.get(url, headers={"Last-Event-ID": largest}, timeout=10).status_code == 204
 
 
 def test_live_starts_at_the_newest_entry(

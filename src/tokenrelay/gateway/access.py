@@ -26,7 +26,7 @@ def needs_key(request: Request) -> Response | None:
             "this gateway accepts no API keys (TOKENRELAY_GATEWAY_API_KEYS is empty): "
             "it serves read tokens only",
         )
-    credential = bearer(request)
+    credential = bearer(request, in_query=False)
     if credential is None:
         return error(
             401, "unauthorized", "an API key is required: Authorization: Bearer KEY", _CHALLENGE
@@ -47,6 +47,9 @@ def needs_reader(request: Request, job_id: str) -> Response | None:
             "a read token is required: ?token=TOKEN or Authorization: Bearer TOKEN",
             _CHALLENGE,
         )
-    if gateway.tokens.allows(credential, job_id) or gateway.keys.accepts(credential):
+    if gateway.tokens.allows(credential, job_id):
+        return None
+    key = bearer(request, in_query=False)
+    if key is not None and gateway.keys.accepts(key):
         return None
     return error(403, "forbidden", "the token does not give access to this job, or has expired")

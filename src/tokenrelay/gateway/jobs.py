@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import asdict
 from typing import Any
 
+from redis import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -14,7 +15,7 @@ from tokenrelay.errors import (
     JobFailedError,
     JobNotFoundError,
     RedisUnavailableError,
-    StreamGapError,
+    TokenRelayError,
 )
 from tokenrelay.gateway.access import needs_key, needs_reader
 from tokenrelay.gateway.limits import BodyError, read_json
@@ -38,6 +39,7 @@ SUBMIT_FIELDS = frozenset(
         "timeout",
         "first_token_timeout",
         "stall_timeout",
+        "attempt_timeout",
         "idempotency_key",
     }
 )
@@ -89,27 +91,32 @@ async def submit(request: Request) -> Response:
     return json_response(links(gateway, handle.job_id), 201)
 
 
-def _outcome(handle: JobHandle, state: JobState) -> dict[str, Any]:
+#: Seconds an ended job's stream may take to give its outcome: it holds its terminal entry
+#: already, unless the stream is gone or was never written (RQ's record outlives it).
+_OUTCOME_TIMEOUT = 2.0
+
+
+def _outcome(client: Redis, handle: JobHandle, state: JobState) -> dict[str, Any]:
     """What a job's stream says of its end: the text and `end`, or the error (blocking)."""
-    if state is JobState.FINISHED:
-        try:
-            result = handle.result(timeout=10)
-        except (JobFailedError, StreamGapError) as exc:
-            return {"error": {"error_type": type(exc).__name__, "message": str(exc)}}
-        return {"text": result.text, "end": asdict(result.end)}
-    if state in (JobState.FAILED, JobState.CANCELLED):
-        try:
-            handle.result(timeout=10)
-        except JobFailedError as exc:
-            return {"error": asdict(exc.error)}
-        except StreamGapError:
-            pass
-    return {}
+    if state not in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED):
+        return {}
+    if not client.exists(handle.stream_key):  # RQ's record of the job outlived its stream
+        message = f"the stream of job {handle.job_id!r} has expired or was deleted"
+        return {"unreadable": {"error_type": "StreamExpiredError", "message": message}}
+    try:
+        result = handle.result(timeout=_OUTCOME_TIMEOUT)
+    except JobFailedError as exc:
+        return {"error": asdict(exc.error)}
+    except RedisUnavailableError:
+        raise
+    except TokenRelayError as exc:  # a gap, a stream expired, damaged or never written
+        return {"unreadable": {"error_type": type(exc).__name__, "message": str(exc)}}
+    return {"text": result.text, "end": asdict(result.end)}
 
 
-def _status(handle: JobHandle) -> dict[str, Any]:
+def _status(client: Redis, handle: JobHandle) -> dict[str, Any]:
     state = handle.status()
-    return {"job_id": handle.job_id, "state": state.value, **_outcome(handle, state)}
+    return {"job_id": handle.job_id, "state": state.value, **_outcome(client, handle, state)}
 
 
 async def job_status(request: Request) -> Response:
@@ -120,9 +127,9 @@ async def job_status(request: Request) -> Response:
         return refused
     if not JOB_ID_PATTERN.fullmatch(job_id):
         return not_found(job_id)
-    handle = gateway_of(request).relay.job(job_id)
+    relay = gateway_of(request).relay
     try:
-        return json_response(await asyncio.to_thread(_status, handle))
+        return json_response(await asyncio.to_thread(_status, relay.redis, relay.job(job_id)))
     except JobNotFoundError:
         return not_found(job_id)
     except RedisUnavailableError as exc:

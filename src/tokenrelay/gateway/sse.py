@@ -118,10 +118,13 @@ class EventStream:
         pump = asyncio.create_task(self._pump(send))
         gone = asyncio.create_task(_disconnected(receive))
         stop = asyncio.create_task(self.stopping.wait())
-        done, pending = await asyncio.wait({pump, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        tasks = {pump, gone, stop}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this request is cancelled: no task outlives it
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         if pump in done:
             pump.result()  # a send timeout goes up from here
         elif stop in done:  # the gateway is shutting down: go on elsewhere, or later
@@ -142,6 +145,15 @@ class EventStream:
         except TokenRelayError as exc:
             failure = {"error_type": type(exc).__name__, "message": str(exc)}
             await self._end(send, event("failure", failure))
+            return
+        except _SendTimeout:
+            raise
+        except Exception:  # a bug or a Redis reply we did not expect: said, not cut short
+            log.exception("gateway.stream_failed", stream=self.key)
+            message = "the gateway could not go on reading this stream (see its log)"
+            await self._end(
+                send, event("failure", {"error_type": "GatewayError", "message": message})
+            )
             return
         finally:
             with contextlib.suppress(Exception):

@@ -79,13 +79,14 @@ def gateway_of(request: Request) -> Gateway:
     return gateway
 
 
-def bearer(request: Request) -> str | None:
-    """The credential of a request: `Authorization: Bearer X`, else `?token=X` (EventSource
-    cannot send headers)."""
+def bearer(request: Request, *, in_query: bool = True) -> str | None:
+    """The credential of a request: `Authorization: Bearer X`, else (with `in_query`, for read
+    tokens: EventSource cannot send headers) `?token=X`. API keys are taken from the header
+    only, never from a URL that proxies log and browsers keep in their history."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.query_params.get("token") or None
+    return (request.query_params.get("token") or None) if in_query else None
 
 
 def client_address(request: Request) -> str:

@@ -22,8 +22,11 @@ from tokenrelay.stream.keys import JOB_ID_PATTERN, StateField
 from tokenrelay.stream.protocol import text
 from tokenrelay.stream.reader import BEGINNING, id_order, is_capped
 
-#: A stream entry id, as `Last-Event-ID` and `?after=` carry it.
-ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
+#: A stream entry id, as `Last-Event-ID` and `?after=` carry it (ASCII digits only).
+ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+#: The largest part of an entry id Redis accepts (an unsigned 64-bit number).
+_ID_PART_MAX = 2**64 - 1
 
 #: What keeps a stream from opening: Redis away (503).
 _CANNOT_OPEN: tuple[type[Exception], ...] = (*UNAVAILABLE, StreamTimeoutError)
@@ -35,7 +38,10 @@ OPEN_TIMEOUT = 10.0
 def _cursor(request: Request) -> str | None:
     """Where the client resumes: Last-Event-ID (a reconnect), else ?after=, else the start."""
     after = request.headers.get("last-event-id") or request.query_params.get("after") or BEGINNING
-    return after if ENTRY_ID.fullmatch(after) else None
+    parts = ENTRY_ID.fullmatch(after)
+    if parts is None or any(int(part) > _ID_PART_MAX for part in parts.groups()):
+        return None
+    return after
 
 
 async def _trimmed(gateway: Gateway, job_id: str, start: str) -> bytes:
@@ -91,6 +97,9 @@ async def events(request: Request) -> Response | EventStream:
     except _CANNOT_OPEN as exc:
         gateway.streams.release(address)
         return unavailable(exc)
+    except BaseException:  # a damaged stream, a cancelled request: the slot is given back
+        gateway.streams.release(address)
+        raise
     if start is None:
         gateway.streams.release(address)
         return Response(status_code=204, headers=COMMON_HEADERS)

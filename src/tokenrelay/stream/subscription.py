@@ -27,10 +27,13 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
 
     def push(self, batch: list[Record]) -> None:
-        """Queue records the hub read (the hub's task calls this); past the limit, overflow."""
+        """Queue records the hub read (the hub's task calls this); past the limit, overflow.
+
+        An empty queue takes any one batch (at most one XREAD page): a burst that a follower
+        keeping up takes at once (after an outage, say) is not lag."""
         if self.overflowed or self.failure is not None:
             return
-        if len(self._records) + len(batch) > self.limit:
+        if self._records and len(self._records) + len(batch) > self.limit:
             self._records.clear()
             self.overflowed = True
         else:

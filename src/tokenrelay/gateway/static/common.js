@@ -20,10 +20,11 @@ const Relay = {
     return node;
   },
 
-  // Show `text` in the element with id `id` (hidden when empty).
+  // Show `text` in the element with id `id` (hidden when empty), made printable: messages
+  // quote what model servers and models wrote.
   say(id, text) {
     const node = document.getElementById(id);
-    node.textContent = text || "";
+    node.textContent = Relay.printable(text || "");
     node.hidden = !text;
   },
 

@@ -103,7 +103,9 @@ const handlers = {
 };
 
 function onEntry(kind, event) {
-  if (!newer(event.lastEventId)) return; // already shown (a resume never repeats, but be sure)
+  // Already shown? (A resume never repeats, but be sure.) A gap carries the id of the entry
+  // before it, so it is never newer than what was shown: it is always shown.
+  if (kind !== "gap" && !newer(event.lastEventId)) return;
   const entry = JSON.parse(event.data);
   handlers[kind](entry, event.lastEventId);
   if (event.lastEventId) job.lastId = event.lastEventId;
