@@ -154,5 +154,9 @@ class StallTimeoutError(GenerationError, TimeoutError):
     """No token came within the stall timeout of the one before."""
 
 
+class AttemptTimeoutError(GenerationError, TimeoutError):
+    """An attempt took longer in all than the attempt timeout of the request."""
+
+
 class BacklogError(GenerationError):
     """Redis was away so long that the tokens held back for it reached their bound."""

@@ -205,6 +205,7 @@ class Settings:
     retry_policy: RetryPolicyName = _env("TOKENRELAY_RETRY_POLICY", "continue", _RETRY_POLICIES)
     first_token_timeout: float = _env("TOKENRELAY_FIRST_TOKEN_TIMEOUT", 30.0, _positive_float)
     stall_timeout: float = _env("TOKENRELAY_STALL_TIMEOUT", 20.0, _positive_float)
+    attempt_timeout: float = _env("TOKENRELAY_ATTEMPT_TIMEOUT", 0.0, _non_negative_float)
     redis_outage_limit: float = _env("TOKENRELAY_REDIS_OUTAGE_LIMIT", 120.0, _positive_float)
     idempotency_window: int = _env("TOKENRELAY_IDEMPOTENCY_WINDOW", 86_400, _positive_int)
     stream_maxlen: int = _env("TOKENRELAY_STREAM_MAXLEN", 0, _non_negative_int)

@@ -196,6 +196,31 @@ def test_a_stall_mid_answer_times_out_and_the_text_is_continued(
     assert 400 <= noticed_ms < 2_000  # the stall timeout (0.5 s), not the first-token one
 
 
+@pytest.mark.parametrize("where", ["job", "worker"])
+def test_an_attempt_that_takes_too_long_in_all_is_ended_and_continued(
+    where: str, relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
+) -> None:
+    """Tokens still coming, but the attempt past its attempt timeout (the job's own, or the
+    worker's): it ends as AttemptTimeoutError and the next attempt goes on from its text."""
+    model = llm.script(WORDS, token_delay=0.02, attempts=[Attempt(stall=True, after=5)])
+    slow = {"TOKENRELAY_FIRST_TOKEN_TIMEOUT": "600", "TOKENRELAY_STALL_TIMEOUT": "600"}
+    if where == "job":
+        handle = relay.submit("tell me", model=model, attempt_timeout=1)
+    else:
+        handle = relay.submit("tell me", model=model)
+        slow["TOKENRELAY_ATTEMPT_TIMEOUT"] = "1"
+    workers.run_burst(env={**FAST_RETRIES, **slow})
+
+    records = list(handle.records(timeout=5))
+    [attempt] = attempts_of([r.entry for r in records])
+    assert (attempt.reason, attempt.from_seq) == ("AttemptTimeoutError", 5)
+    assert handle.text(timeout=5) == TEXT
+    start_ms = int(records[0].id.split("-")[0])
+    retrying = next(r for r in records if isinstance(r.entry, StatusEntry))
+    assert 900 <= int(retrying.id.split("-")[0]) - start_ms < 3_000  # 1 s, not 600
+    assert the_end(redis_client, handle).attempts == 2
+
+
 def test_a_jobs_own_timeouts_override_the_workers(
     relay: Relay, llm: ScriptedLLM, workers: Workers, redis_client: Redis
 ) -> None:

@@ -83,6 +83,14 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         help="the most an attempt may wait between two tokens before it is retried "
         "(default: the worker's TOKENRELAY_STALL_TIMEOUT)",
     )
+    limits.add_argument(
+        "--attempt-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the most one attempt may take in all before it is retried "
+        "(default: the worker's TOKENRELAY_ATTEMPT_TIMEOUT; 0 there means no limit but "
+        "the job's)",
+    )
     job = p.add_argument_group("the job")
     job.add_argument("--job-id", metavar="ID", help="choose the job id (letters, digits, _ and -)")
     job.add_argument(
@@ -115,7 +123,8 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="submit every line of a JSON Lines file: a prompt string, or an object with "
         "submit's fields (prompt or messages, model, max_tokens, temperature, timeout, "
-        "first_token_timeout, stall_timeout, job_id, idempotency_key, metadata)",
+        "first_token_timeout, stall_timeout, attempt_timeout, job_id, idempotency_key, "
+        "metadata)",
     )
     batch.add_argument(
         "--ids-out",

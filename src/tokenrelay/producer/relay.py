@@ -73,14 +73,15 @@ class Relay:
         timeout: float | None = None,
         first_token_timeout: float | None = None,
         stall_timeout: float | None = None,
+        attempt_timeout: float | None = None,
         idempotency_key: str | None = None,
     ) -> JobHandle:
         """Queue one generation; raises InvalidRequestError, with nothing queued, on bad input.
 
         `timeout` bounds the whole job, over every attempt (default TOKENRELAY_JOB_TIMEOUT);
         `first_token_timeout` and `stall_timeout` bound an attempt's wait for its first token
-        and between tokens (defaults from the worker's settings): past them the attempt ends
-        and is retried.
+        and between tokens, and `attempt_timeout` the whole of one attempt (defaults from the
+        worker's settings): past them the attempt ends and is retried.
 
         With an `idempotency_key` (1 to 200 printable ASCII characters, no spaces), every
         submit of that key within TOKENRELAY_IDEMPOTENCY_WINDOW seconds of the first returns
@@ -101,6 +102,7 @@ class Relay:
             timeout=timeout,
             first_token_timeout=first_token_timeout,
             stall_timeout=stall_timeout,
+            attempt_timeout=attempt_timeout,
             idempotency_key=idempotency_key,
             settings=self.settings,
         )

@@ -22,7 +22,7 @@ MAX_METADATA_DEPTH = 32
 MAX_TEMPERATURE = 2.0
 
 #: The request's time limits, in seconds, each also settable per worker (TOKENRELAY_...).
-TIMEOUT_FIELDS = ("timeout", "first_token_timeout", "stall_timeout")
+TIMEOUT_FIELDS = ("timeout", "first_token_timeout", "stall_timeout", "attempt_timeout")
 #: The longest time limit a request may set: a day.
 MAX_TIMEOUT = 86_400
 
@@ -67,6 +67,8 @@ class GenerationRequest:
     #: Seconds an attempt may wait for its first token, and between two tokens.
     first_token_timeout: float | None = None
     stall_timeout: float | None = None
+    #: Seconds one attempt may take in all, before it is ended and retried.
+    attempt_timeout: float | None = None
     #: Submits with this key return one job (see `tokenrelay.producer.idempotency`).
     idempotency_key: str | None = None
 
@@ -237,6 +239,7 @@ def build_request(
     timeout: float | None = None,
     first_token_timeout: float | None = None,
     stall_timeout: float | None = None,
+    attempt_timeout: float | None = None,
     idempotency_key: str | None = None,
     settings: Settings,
 ) -> GenerationRequest:
@@ -257,6 +260,7 @@ def build_request(
         timeout=None if job_timeout is None else math.ceil(job_timeout),
         first_token_timeout=_check_timeout("first_token_timeout", first_token_timeout),
         stall_timeout=_check_timeout("stall_timeout", stall_timeout),
+        attempt_timeout=_check_timeout("attempt_timeout", attempt_timeout),
         idempotency_key=idempotency_key,
     )
 
@@ -302,6 +306,7 @@ def request_from_payload(
         timeout=payload.get("timeout"),
         first_token_timeout=payload.get("first_token_timeout"),
         stall_timeout=payload.get("stall_timeout"),
+        attempt_timeout=payload.get("attempt_timeout"),
         settings=settings,
     )
     return request, ttl

@@ -3,7 +3,7 @@
 The one triage of failures, for the retry loop (`worker.generation`) and for every `error`
 entry (`error_entry`): rate limits (429, honouring `Retry-After`), server errors (5xx, 408,
 409), connections refused, reset or dropped mid-answer, streams cut before their finish
-reason, first-token and stall timeouts, and a Redis outage that outlasted the held-back
+reason, first-token, stall and attempt timeouts, and a Redis outage that outlasted the held-back
 tokens' bound are retried; a request the model server refused (400, 401, 403, 404, a
 context too long) fails at once, as does anything unknown.
 """
@@ -29,7 +29,7 @@ _RETRYABLE_STATUS = frozenset({408, 409, 429})
 #: Failures that may go away by themselves, whatever else they are: what a new attempt (or a
 #: new submission) could fix.
 _TRANSIENT = (
-    GenerationError,  # cut streams, first-token and stall timeouts, a backlog during an outage
+    GenerationError,  # cut streams, the attempt time limits, a backlog during an outage
     JobTimeoutException,
     AbandonedJobError,
     WorkerLostError,

@@ -107,6 +107,7 @@ async def _attempt(
     async with Watchdog(
         first_token=request.first_token_timeout or settings.first_token_timeout,
         stall=request.stall_timeout or settings.stall_timeout,
+        whole=request.attempt_timeout or settings.attempt_timeout or None,
     ) as watchdog:
         publisher = TokenPublisher(
             stream, limit=max_tokens, started=started, watchdog=watchdog, seam=Seam(so_far)
