@@ -17,6 +17,7 @@ from support.sse import read_all
 from support.workers import Workers
 
 from tokenrelay import InvalidRequestError, Relay
+from tokenrelay.dev.redis_server import RedisServer
 from tokenrelay.gateway.auth import ReadTokens
 from tokenrelay.stream import keys
 
@@ -236,6 +237,25 @@ def test_an_ended_job_whose_stream_is_gone_still_has_a_status(
     assert body["state"] == "finished"
     assert "text" not in body
     assert body["unreadable"]["error_type"] == "StreamExpiredError"
+
+
+def test_a_redis_out_of_reach_is_a_503_that_does_not_tell_where_redis_is(
+    env: dict[str, str], tmp_path: Any, own_redis: RedisServer
+) -> None:
+    """Clients learn that Redis is away and when to try again; its address stays in the log."""
+    gateway = start_gateway({**env, "TOKENRELAY_REDIS_URL": own_redis.url}, tmp_path / "gw.log")
+    try:
+        own_redis.stop()
+        response = httpx.post(
+            f"{gateway.url}/v1/jobs", json={"prompt": "x"}, headers=auth(API_KEY), timeout=60
+        )
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["error"]["type"] == "unavailable"
+        assert str(own_redis.port) not in response.text
+        assert any(line["event"] == "gateway.redis_unavailable" for line in gateway.logs())
+    finally:
+        gateway.stop()
 
 
 def test_cancel_needs_an_api_key_and_ends_the_stream_as_cancelled(

@@ -10,9 +10,11 @@ from support.gateway import API_KEY, GatewayProcess, auth
 from support.scripted_openai import ScriptedOpenAI
 from support.scripts import ScriptedLLM
 from support.sse import Comment, Event, parse, read_all, stream, text_of
+from support.streams import wait_for_tokens
 from support.workers import Workers
 
 from tokenrelay import EndEntry, Relay, StartEntry
+from tokenrelay.stream.keys import token_stream
 from tokenrelay.stream.writer import StreamWriter
 
 WORDS = [f" word{i}" for i in range(30)]
@@ -62,6 +64,17 @@ def test_resuming_by_last_event_id_at_every_entry_gives_exactly_the_rest(
         read_all(events_url(gateway, created, after=str(middle.id)))
         == events[len(events) // 2 + 1 :]
     )
+
+
+def test_an_event_stream_is_read_with_get_only(
+    gateway: GatewayProcess, llm: ScriptedLLM, workers: Workers
+) -> None:
+    """HEAD (which Starlette would route as GET) would hold a stream with nowhere to send it."""
+    created = gateway.submit(prompt="x", model=llm.script(["a"]))
+    workers.run_burst()
+    response = httpx.head(events_url(gateway, created), timeout=10)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
 
 
 def test_resuming_after_the_terminal_entry_answers_no_content(
@@ -118,6 +131,30 @@ def test_live_starts_at_the_newest_entry(
     assert text_of(events) == "".join(WORDS[10:])
 
 
+def test_a_live_stream_says_where_it_began_so_that_a_reconnect_loses_nothing(
+    gateway: GatewayProcess,
+    llm: ScriptedLLM,
+    workers: Workers,
+    llm_server: ScriptedOpenAI,
+    redis_client: Redis,
+    relay: Relay,
+) -> None:
+    """Before any entry comes, `?live=1` sends the id it began after (EventSource keeps it as
+    the Last-Event-ID of a reconnect): what is written while the client is away is not lost."""
+    created = gateway.submit(prompt="x", model=llm.script(WORDS, stall_after=3))
+    workers.start()
+    assert llm_server.wait_stalled(30)
+    wait_for_tokens(relay.job(created["job_id"]), 3)  # written: the stream is still now
+    [(newest, _)] = redis_client.xrevrange(token_stream(created["job_id"]), count=1)
+    with httpx.stream("GET", events_url(gateway, created, live="1"), timeout=30) as response:
+        lines = response.iter_lines()
+        began = next(line for line in lines if line.startswith("id:"))
+        assert next(lines) == ""  # an id alone: no event for the page, only its cursor
+    assert began == f"id: {newest.decode()}"
+    llm_server.release()
+    assert text_of(read_all(events_url(gateway, created), headers={"Last-Event-ID": began[4:]}))
+
+
 def test_the_stream_opens_with_a_comment_and_pings_while_idle_uncompressed_and_uncached(
     gateway: GatewayProcess, llm: ScriptedLLM, workers: Workers, llm_server: ScriptedOpenAI
 ) -> None:
@@ -138,6 +175,7 @@ def test_the_stream_opens_with_a_comment_and_pings_while_idle_uncompressed_and_u
             pings += item == Comment("ping")
             if pings == 2:
                 break
+        assert llm_server.wait_stalled(30)  # (the pings may have come before the job began)
         llm_server.release()
         rest = list(items)
     events = [e for e in seen + rest if isinstance(e, Event)]

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import asdict
 from typing import Any
 
+import structlog
 from redis import Redis
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,6 +26,8 @@ from tokenrelay.outage import UNAVAILABLE
 from tokenrelay.producer.handle import JobHandle, JobState
 from tokenrelay.status import collect_status
 from tokenrelay.stream.keys import JOB_ID_PATTERN
+
+log = structlog.get_logger()
 
 #: What a submission may carry: `Relay.submit`'s arguments.
 SUBMIT_FIELDS = frozenset(
@@ -52,8 +55,11 @@ def not_found(job_id: str) -> Response:
 
 
 def unavailable(exc: Exception) -> Response:
-    """The 503 of a Redis that cannot be reached."""
-    return error(503, "unavailable", str(exc), {"Retry-After": "5"})
+    """The 503 of a Redis that cannot be reached: what happened is logged, where Redis is
+    (its address, in the error's text) is not told to the client."""
+    log.warning("gateway.redis_unavailable", error_type=type(exc).__name__, error=str(exc))
+    message = "the gateway cannot reach its Redis just now; try again shortly"
+    return error(503, "unavailable", message, {"Retry-After": "5"})
 
 
 def links(gateway: Gateway, job_id: str) -> dict[str, Any]:

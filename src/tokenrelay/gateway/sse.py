@@ -92,6 +92,7 @@ class EventStream:
         send_timeout: float,
         stopping: asyncio.Event,
         prelude: bytes = b"",
+        after: str | None = None,
         on_close: Callable[[], None] = lambda: None,
     ) -> None:
         self.key = key
@@ -101,7 +102,7 @@ class EventStream:
         self.stopping = stopping
         self.prelude = prelude
         self.on_close = on_close
-        self.last: str | None = None  # the id of the last entry sent
+        self.last = after  # the id of the last entry sent (or the one the stream began after)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -69,6 +69,10 @@ async def events(request: Request) -> Response | EventStream:
     `Last-Event-ID` (or `?after=ID`) resumes after an entry; `?live=1` starts at the newest.
     A stream already ended at the cursor answers 204 (EventSource stops reconnecting).
     """
+    if request.method == "HEAD":  # it would hold a stream open with nowhere to send it
+        return error(
+            405, "method_not_allowed", "an event stream is read with GET", {"Allow": "GET"}
+        )
     job_id = request.path_params["job_id"]
     refused = needs_reader(request, job_id)
     if refused is not None:
@@ -91,6 +95,8 @@ async def events(request: Request) -> Response | EventStream:
             gateway.hub, job_id, after=after, live=live, alive_keys=alive, timeout=OPEN_TIMEOUT
         )
         prelude = b"" if start is None else await _trimmed(gateway, job_id, start)
+        if live and start is not None:  # where `live` began: a reconnect goes on from there
+            prelude = f"id: {start}\n\n".encode() + prelude
     except JobNotFoundError:
         gateway.streams.release(address)
         return not_found(job_id)
@@ -119,5 +125,6 @@ async def events(request: Request) -> Response | EventStream:
         send_timeout=gateway.settings.gateway_send_timeout,
         stopping=gateway.stopping,
         prelude=prelude,
+        after=start,
         on_close=lambda: gateway.streams.release(address),
     )

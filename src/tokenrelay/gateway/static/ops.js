@@ -61,16 +61,21 @@ function render(status) {
   $("updated").textContent = `updated ${new Date(status.taken_at * 1000).toLocaleTimeString()}`;
 }
 
-async function refresh() {
+// One chain of refreshes at a time: a new key starts a new chain and the old one stops.
+let chain = 0;
+
+async function refresh(mine) {
   const key = sessionStorage.getItem(KEY_STORE) || "";
   const result = await Relay.call("/v1/status", { headers: Relay.bearer(key) });
+  if (mine !== chain) return;
   if (result.ok) {
     Relay.say("problem", "");
     render(result.body);
   } else {
     Relay.say("problem", Relay.message(result, `refused (HTTP ${result.status})`));
+    if (result.status === 401 || result.status === 403) return; // until another key is given
   }
-  timer = setTimeout(refresh, REFRESH_MS);
+  timer = setTimeout(() => refresh(mine), REFRESH_MS);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -79,7 +84,7 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
     clearTimeout(timer);
-    refresh();
+    refresh(++chain);
   });
-  if (sessionStorage.getItem(KEY_STORE)) refresh();
+  if (sessionStorage.getItem(KEY_STORE)) refresh(++chain);
 });
