@@ -6,11 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from playwright.sync_api import Page, expect
-from support.gateway import API_KEY, GatewayProcess
+from redis import Redis
+from support.gateway import API_KEY, SECRET, GatewayProcess, start_gateway
 from support.scripted_openai import ScriptedOpenAI
 from support.scripts import ScriptedLLM
 from support.workers import Workers
 
+from tokenrelay import EndEntry, StartEntry
+from tokenrelay.gateway.auth import ReadTokens
+from tokenrelay.stream.writer import StreamWriter
 from tokenrelay.terminal import printable
 
 Snap = Callable[[Page, str], Path]
@@ -191,3 +195,34 @@ def test_the_pages_forbid_inline_script_and_html_sinks(page: Page, gateway: Gate
         " catch (e) { return e instanceof TypeError; } }"
     )
     assert blocked
+
+
+def test_tokens_lost_while_the_page_was_away_are_marked_where_they_were(
+    page: Page, snap: Snap, env: dict[str, str], tmp_path: Path, redis_client: Redis
+) -> None:
+    """The gateway restarts while a capped stream runs on and trims what the page had not
+    read: when the page reconnects, a marker stands where the lost tokens were."""
+    writer = StreamWriter(redis_client, "capped", ttl=600, maxlen=5)
+    writer.start(StartEntry("capped", "m", 1, 1.0, 2.0, "w", 50, 3, writer.writer_token))
+    for i in range(3):
+        writer.token(f" t{i}")
+    gateway = start_gateway(env, tmp_path / "first.log")
+    token, _ = ReadTokens(SECRET.encode(), ttl=600).mint("capped")
+    page.goto(f"{gateway.url}/watch/capped#token={token}")
+    expect(page.locator("#output")).to_have_text(" t0 t1 t2", timeout=30_000)
+    gateway.stop()  # the page is told to reconnect, and retries until a gateway answers
+    for i in range(3, 400):  # `MAXLEN ~` trims whole nodes of about a hundred entries
+        writer.token(f" t{i}")
+    writer.close(EndEntry("stop", 400))
+    port = int(gateway.url.rsplit(":", 1)[1])
+    gateway = start_gateway(env, tmp_path / "second.log", port=port)
+    try:
+        expect(page.locator("#state")).to_have_text("finished", timeout=30_000)
+        marker = page.locator("#output .gap")
+        expect(marker).to_have_count(1)
+        expect(marker).to_contain_text("[text lost here")
+        assert output(page).startswith(" t0 t1 t2[text lost here")
+        assert output(page).endswith(" t398 t399")
+        snap(page, "gap")
+    finally:
+        gateway.stop()

@@ -54,9 +54,11 @@ def auth(credential: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {credential}"}
 
 
-def start_gateway(env: dict[str, str], log_path: Path, **settings: str) -> GatewayProcess:
-    """Start `tokenrelay serve` on a free port and wait until it answers /healthz."""
-    port = free_port()
+def start_gateway(
+    env: dict[str, str], log_path: Path, *, port: int | None = None, **settings: str
+) -> GatewayProcess:
+    """Start `tokenrelay serve` on `port` (a free one by default); wait until it answers."""
+    port = port or free_port()
     gateway_env = {
         **env,
         "TOKENRELAY_GATEWAY_API_KEYS": f"{hash_key(API_KEY)},{hash_key(OTHER_KEY)}",

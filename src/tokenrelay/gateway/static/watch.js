@@ -152,7 +152,12 @@ function openStream() {
     const why = JSON.parse(event.data).reason;
     Relay.say("notice", why === "shutdown" ? "the gateway is restarting; reconnecting…" : "catching up…");
   });
-  source.addEventListener("trimmed", (event) => Relay.say("notice", JSON.parse(event.data).message));
+  source.addEventListener("trimmed", (event) => {
+    // Entries were trimmed between what this page has and what comes next: mark the place.
+    const lost = Relay.el("span", "[text lost here: the stream's length cap trimmed it before this page read it]", "gap");
+    $("output").appendChild(lost);
+    Relay.say("notice", JSON.parse(event.data).message);
+  });
   source.addEventListener("failure", (event) => {
     const failure = JSON.parse(event.data);
     Relay.say("problem", `The stream cannot go on: ${failure.message}`);
