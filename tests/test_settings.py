@@ -35,6 +35,10 @@ def test_a_malformed_variable_names_itself() -> None:
         Settings.from_env({"TOKENRELAY_MAX_TOKENS": "0"})
     with pytest.raises(ConfigurationError, match="TOKENRELAY_LOG_FORMAT"):
         Settings.from_env({"TOKENRELAY_LOG_FORMAT": "xml"})
+    for name in ("TOKENRELAY_ATTEMPT_TIMEOUT", "TOKENRELAY_STALL_TIMEOUT"):
+        for value in ("nan", "inf", "-1"):  # a NaN limit would silently never fire
+            with pytest.raises(ConfigurationError, match=f"{name}='{value}'"):
+                Settings.from_env({name: value})
 
 
 def test_the_api_key_never_shows_in_a_repr() -> None:

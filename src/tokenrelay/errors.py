@@ -23,6 +23,7 @@ TokenRelayError
     ├── TruncatedStreamError    the model's stream ended without a finish reason
     ├── FirstTokenTimeoutError  no token came within the first-token timeout
     ├── StallTimeoutError       no token came within the stall timeout of the one before
+    ├── AttemptTimeoutError     an attempt took longer in all than the attempt timeout
     └── BacklogError            Redis was away so long that the held-back tokens hit their bound
 """
 

@@ -6,6 +6,7 @@ library code receives a `Settings` (or the values it needs) as a parameter.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -81,7 +82,7 @@ def _positive_int(raw: str) -> int:
 
 def _positive_float(raw: str) -> float:
     value = float(raw)
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise ValueError(f"must be a positive number, got {value}")
     return value
 
@@ -95,8 +96,8 @@ def _non_negative_int(raw: str) -> int:
 
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
-    if value < 0:
-        raise ValueError(f"must not be negative, got {value}")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"must be a number, not negative, got {value}")
     return value
 
 

@@ -155,6 +155,22 @@ def test_a_live_stream_says_where_it_began_so_that_a_reconnect_loses_nothing(
     assert text_of(read_all(events_url(gateway, created), headers={"Last-Event-ID": began[4:]}))
 
 
+def test_a_live_reconnect_goes_on_from_its_last_event_id_not_from_the_newest(
+    gateway: GatewayProcess, llm: ScriptedLLM, workers: Workers
+) -> None:
+    """A `?live=1` stream opened before the job began says it began at `0-0`; its reconnect
+    (same URL, Last-Event-ID: 0-0) gets everything written since, not only what comes next."""
+    created = gateway.submit(prompt="x", model=llm.script(["a", "b", "c"]))
+    with httpx.stream("GET", events_url(gateway, created, live="1"), timeout=30) as response:
+        lines = response.iter_lines()
+        began = next(line for line in lines if line.startswith("id:"))
+    assert began == "id: 0-0"
+    workers.run_burst()
+    again = read_all(events_url(gateway, created, live="1"), headers={"Last-Event-ID": "0-0"})
+    assert again[0].event == "start"
+    assert text_of(again) == "abc"
+
+
 def test_the_stream_opens_with_a_comment_and_pings_while_idle_uncompressed_and_uncached(
     gateway: GatewayProcess, llm: ScriptedLLM, workers: Workers, llm_server: ScriptedOpenAI
 ) -> None:

@@ -7,10 +7,10 @@ from dataclasses import asdict
 from typing import Any
 
 import structlog
-from redis import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenrelay.connection import redis_errors
 from tokenrelay.errors import (
     InvalidRequestError,
     JobFailedError,
@@ -24,6 +24,7 @@ from tokenrelay.gateway.responses import error, json_response
 from tokenrelay.gateway.state import Gateway, gateway_of
 from tokenrelay.outage import UNAVAILABLE
 from tokenrelay.producer.handle import JobHandle, JobState
+from tokenrelay.producer.relay import Relay
 from tokenrelay.status import collect_status
 from tokenrelay.stream.keys import JOB_ID_PATTERN
 
@@ -99,14 +100,16 @@ async def submit(request: Request) -> Response:
 
 #: Seconds an ended job's stream may take to give its outcome: it holds its terminal entry
 #: already, unless the stream is gone or was never written (RQ's record outlives it).
-_OUTCOME_TIMEOUT = 2.0
+_OUTCOME_TIMEOUT = 10.0
 
 
-def _outcome(client: Redis, handle: JobHandle, state: JobState) -> dict[str, Any]:
+def _outcome(relay: Relay, handle: JobHandle, state: JobState) -> dict[str, Any]:
     """What a job's stream says of its end: the text and `end`, or the error (blocking)."""
     if state not in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED):
         return {}
-    if not client.exists(handle.stream_key):  # RQ's record of the job outlived its stream
+    with redis_errors(relay.settings.effective_redis_url):
+        exists = relay.redis.exists(handle.stream_key)
+    if not exists:  # RQ's record of the job outlived its stream
         message = f"the stream of job {handle.job_id!r} has expired or was deleted"
         return {"unreadable": {"error_type": "StreamExpiredError", "message": message}}
     try:
@@ -120,9 +123,10 @@ def _outcome(client: Redis, handle: JobHandle, state: JobState) -> dict[str, Any
     return {"text": result.text, "end": asdict(result.end)}
 
 
-def _status(client: Redis, handle: JobHandle) -> dict[str, Any]:
+def _status(relay: Relay, job_id: str) -> dict[str, Any]:
+    handle = relay.job(job_id)
     state = handle.status()
-    return {"job_id": handle.job_id, "state": state.value, **_outcome(client, handle, state)}
+    return {"job_id": job_id, "state": state.value, **_outcome(relay, handle, state)}
 
 
 async def job_status(request: Request) -> Response:
@@ -135,7 +139,7 @@ async def job_status(request: Request) -> Response:
         return not_found(job_id)
     relay = gateway_of(request).relay
     try:
-        return json_response(await asyncio.to_thread(_status, relay.redis, relay.job(job_id)))
+        return json_response(await asyncio.to_thread(_status, relay, job_id))
     except JobNotFoundError:
         return not_found(job_id)
     except RedisUnavailableError as exc:

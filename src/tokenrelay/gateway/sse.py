@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 from starlette.types import Receive, Scope, Send
 
-from tokenrelay.errors import ReaderLaggedError, TokenRelayError
+from tokenrelay.errors import ReaderLaggedError, RedisUnavailableError, TokenRelayError
 from tokenrelay.gateway.responses import COMMON_HEADERS
 from tokenrelay.stream.protocol import Record
 
@@ -142,6 +142,12 @@ class EventStream:
         except ReaderLaggedError as exc:
             log.info("gateway.client_lagged", stream=self.key, after=exc.last_id)
             await self._end(send, event("reconnect", {"reason": "lagged", "after": exc.last_id}))
+            return
+        except RedisUnavailableError as exc:  # the detail (where Redis is) is for the log
+            log.warning("gateway.stream_failed", stream=self.key, error=str(exc))
+            message = "the gateway lost its Redis for longer than it waits; reconnect later"
+            failure = {"error_type": type(exc).__name__, "message": message}
+            await self._end(send, event("failure", failure))
             return
         except TokenRelayError as exc:
             failure = {"error_type": type(exc).__name__, "message": str(exc)}

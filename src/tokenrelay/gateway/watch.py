@@ -82,7 +82,10 @@ async def events(request: Request) -> Response | EventStream:
     after = _cursor(request)
     if after is None:
         return error(400, "bad_request", "Last-Event-ID and ?after= must be stream entry ids")
+    # `live` begins at the newest entry, once: a reconnect (Last-Event-ID) goes on from its id.
+    reconnect = "last-event-id" in request.headers
     live = request.query_params.get("live") in ("1", "true") and after == BEGINNING
+    live = live and not reconnect
     gateway = gateway_of(request)
     address = client_address(request)
     if not gateway.streams.acquire(address):

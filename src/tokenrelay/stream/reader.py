@@ -124,6 +124,7 @@ class _Follower:
         timeout: float | None,
         outage_limit: float,
     ) -> None:
+        self.client = client  # held while reading: a client closes its pool when collected
         self.job_id = job_id
         self.key = keys.token_stream(job_id)
         self.state_key = keys.stream_state(job_id)

@@ -1,7 +1,8 @@
 """A follower's place at the shared reader (`StreamHub`): a small, bounded queue of live records.
 
 The hub pushes each batch it reads to every subscription of the stream; the follower takes
-what has queued up, all at once. A subscription never grows past its limit: one that would
+what has queued up, all at once. A subscription never grows past its limit (but for one
+read: an empty queue takes any one batch, at most a page of XREAD): one that would
 is emptied and marked `overflowed`, and its follower goes back to Redis for what it missed
 (the entries are all there), so a slow follower costs memory for its limit, not its lag.
 """
