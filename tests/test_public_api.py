@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import tokenrelay
+from tokenrelay import Relay
+from tokenrelay.producer.request import SUBMIT_FIELDS
 
 
 def test_all_lists_every_public_name() -> None:
@@ -42,3 +46,9 @@ def test_the_api_is_small() -> None:
         "StreamExpiredError",
         "ProtocolError",
     }
+
+
+def test_what_a_batch_line_or_a_gateway_body_may_carry_is_what_submit_takes() -> None:
+    """One list of submit's fields, for `submit --file` and `POST /v1/jobs`: submit's own."""
+    taken = set(inspect.signature(Relay.submit).parameters) - {"self"}
+    assert taken == SUBMIT_FIELDS

@@ -25,28 +25,11 @@ from tokenrelay.gateway.state import Gateway, gateway_of
 from tokenrelay.outage import UNAVAILABLE
 from tokenrelay.producer.handle import JobHandle, JobState
 from tokenrelay.producer.relay import Relay
+from tokenrelay.producer.request import SUBMIT_FIELDS
 from tokenrelay.status import collect_status
 from tokenrelay.stream.keys import JOB_ID_PATTERN
 
 log = structlog.get_logger()
-
-#: What a submission may carry: `Relay.submit`'s arguments.
-SUBMIT_FIELDS = frozenset(
-    {
-        "prompt",
-        "messages",
-        "model",
-        "max_tokens",
-        "temperature",
-        "job_id",
-        "metadata",
-        "timeout",
-        "first_token_timeout",
-        "stall_timeout",
-        "attempt_timeout",
-        "idempotency_key",
-    }
-)
 
 
 def not_found(job_id: str) -> Response:

@@ -7,22 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenrelay.errors import InvalidRequestError
-from tokenrelay.producer.request import TIMEOUT_FIELDS, shown
-
-#: The keys a batch line may carry: the keyword arguments of `Relay.submit`.
-FIELDS = frozenset(
-    {
-        "prompt",
-        "messages",
-        "model",
-        "max_tokens",
-        "temperature",
-        "job_id",
-        "metadata",
-        *TIMEOUT_FIELDS,
-        "idempotency_key",
-    }
-)
+from tokenrelay.producer.request import SUBMIT_FIELDS, shown
 
 
 def _not_json(name: str) -> object:
@@ -59,11 +44,11 @@ def load_batch(path: Path) -> list[dict[str, Any]]:
             value = {"prompt": value}
         if not isinstance(value, dict):
             raise InvalidRequestError(f"{path}:{number}: expected a string or an object")
-        unknown = set(value) - FIELDS
+        unknown = set(value) - SUBMIT_FIELDS
         if unknown:
             raise InvalidRequestError(
                 f"{path}:{number}: unknown field {shown(sorted(unknown)[0])} "
-                f"(allowed: {', '.join(sorted(FIELDS))})"
+                f"(allowed: {', '.join(sorted(SUBMIT_FIELDS))})"
             )
         items.append(value)
     if not items:

@@ -29,6 +29,21 @@ MAX_TIMEOUT = 86_400
 #: What an idempotency key may be: 1 to 200 printable ASCII characters, no spaces.
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[!-~]{1,200}")
 
+#: What one submission may carry (a batch line, a gateway body): `Relay.submit`'s arguments.
+SUBMIT_FIELDS = frozenset(
+    {
+        "prompt",
+        "messages",
+        "model",
+        "max_tokens",
+        "temperature",
+        "job_id",
+        "metadata",
+        *TIMEOUT_FIELDS,
+        "idempotency_key",
+    }
+)
+
 #: The fields a job payload may carry: the request's, and the producer's stream TTL.
 PAYLOAD_FIELDS = frozenset(
     {"messages", "model", "max_tokens", "temperature", "metadata", *TIMEOUT_FIELDS}
