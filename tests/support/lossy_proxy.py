@@ -28,6 +28,7 @@ class LossyProxy:
         self._hold: tuple[bytes, float] | None = None
         self.lost = threading.Event()  # set once a reply was lost
         self._sockets: list[socket.socket] = []
+        self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def lose_reply_to(self, marker: bytes) -> None:
@@ -51,16 +52,28 @@ class LossyProxy:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._listener.close()
-        for sock in self._sockets:
+        with self._lock:  # a connection accepted from now on is closed by `_accept` itself
+            self._closed = True
+            sockets, self._sockets = self._sockets, []
+        _close(self._listener)  # the shutdown also wakes the thread blocked in accept()
+        for sock in sockets:
             _close(sock)
 
     def _accept(self) -> None:
         with contextlib.suppress(OSError):
             while True:
                 client, _ = self._listener.accept()
-                upstream = socket.create_connection(self.upstream)
-                self._sockets += [client, upstream]
+                try:
+                    upstream = socket.create_connection(self.upstream)
+                except OSError:  # Redis is away: so is this connection
+                    _close(client)
+                    continue
+                with self._lock:
+                    if self._closed:
+                        _close(client)
+                        _close(upstream)
+                        return
+                    self._sockets += [client, upstream]
                 losing = threading.Event()
                 threading.Thread(
                     target=self._requests, args=(client, upstream, losing), daemon=True
